@@ -1,0 +1,1 @@
+"""sparsebench harness: registries, configs, training loop, measurement, records and reports."""

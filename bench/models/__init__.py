@@ -1,0 +1,1 @@
+"""Backbones. Each takes a ``Method`` and asks it for every attention core it needs."""

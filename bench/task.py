@@ -1,0 +1,71 @@
+"""The task interface: data, the backbone (built with a method's attention), loss and metrics."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from bench.config import TrainConfig
+
+
+class Task:
+    """Base class. A task file subclasses it and registers with ``@register_task(name, suite=...)``.
+
+    Subclasses define ``ModelConfig`` and ``DataConfig`` (frozen dataclasses), ``METRICS`` (name ->
+    higher_is_better), ``MAIN_METRIC``, ``presets(scale)`` and the data/model/loss methods below.
+    """
+
+    name: str = "?"
+    suite: str | None = None
+    ModelConfig: type
+    DataConfig: type
+    METRICS: dict[str, bool] = {}
+    MAIN_METRIC: str = ""
+    REFERENCE: dict[str, float] = {}  # published dense numbers for the report: column label -> value
+
+    def __init__(self, cfg: Any, data_dir: Path | None = None):
+        self.cfg = cfg  # RunConfig
+        self.data_dir = Path(data_dir) if data_dir else None
+
+    @classmethod
+    def presets(cls, scale: str) -> tuple[Any, Any, TrainConfig, tuple[str, ...]]:
+        """(model_cfg, data_cfg, train_cfg, notes) for ``scale``; notes say how the budget differs from
+        the paper's (empty for ``paper``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def data_available(cls, data_dir: Path | None, scale: str) -> str | None:
+        """None if data can be had (generated, found locally, or downloadable), else a one-line reason."""
+        return None
+
+    def prepare(self) -> None:
+        """Load or generate the data; raise ``DataUnavailable`` with a message that says what to do."""
+
+    def train_batches(self, generator: torch.Generator) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def eval_batches(self, split: str) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def build_model(self, method: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, Any]:
+        """(scalar loss, model output)."""
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module, split: str, max_batches: int = 0) -> dict[str, float]:
+        raise NotImplementedError
+
+    def batch_size_tokens(self, batch: Any) -> tuple[int, int]:
+        """(sequences, tokens) in a batch, for throughput."""
+        raise NotImplementedError
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        if isinstance(batch, dict):
+            return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if isinstance(batch, (list, tuple)):
+            return type(batch)(v.to(device, non_blocking=True) if torch.is_tensor(v) else v for v in batch)
+        return batch.to(device)

@@ -1,0 +1,169 @@
+"""Dense attention baselines: ``dense`` (SDPA, backend selectable), ``flex`` (FlexAttention), ``eager``.
+
+Every sparse method is compared with the fastest of these measured in the same run, never with
+``eager`` alone. ``dense`` with ``backend=auto`` lets PyTorch pick its fastest kernel; ``cudnn``,
+``flash``, ``efficient`` and ``math`` force one (and fail loudly if it cannot run the inputs).
+SDPA's flash kernel takes no mask; with key padding we run it on a jagged nested tensor (the real tokens
+only, variable length), which is exact and is what a user would do.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from bench.errors import BenchError
+from bench.method import AttentionCore, AttentionSpec, Method
+from bench.registry import register_method
+
+
+def eager_attention(q, k, v, key_padding_mask=None, causal=False, sm_scale=None):
+    """Textbook softmax attention; (B, H, Lq, D) x (B, H, Lk, D). Materialises (B, H, Lq, Lk)."""
+    scale = sm_scale if sm_scale is not None else q.shape[-1] ** -0.5
+    s = torch.matmul(q, k.transpose(-1, -2)).float() * scale
+    allowed = torch.ones(s.shape[-2:], dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = torch.tril(allowed, diagonal=s.shape[-1] - s.shape[-2])
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, -1).nan_to_num(0.0)  # fully masked rows -> 0, not NaN
+    return torch.matmul(p.to(v.dtype), v)
+
+
+@dataclass(frozen=True)
+class SDPAConfig:
+    backend: str = "auto"  # auto | cudnn | flash | efficient | math
+
+
+_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+class SDPACore(AttentionCore):
+    def __init__(self, spec: AttentionSpec, backend: str):
+        super().__init__(spec)
+        if backend != "auto" and backend not in _BACKENDS:
+            raise BenchError(f"dense: unknown SDPA backend {backend!r}; valid: auto, {', '.join(_BACKENDS)}")
+        self.backend = backend
+
+    def _ctx(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        if self.backend == "auto":
+            import contextlib
+
+            return contextlib.nullcontext()
+        return sdpa_kernel([getattr(SDPBackend, _BACKENDS[self.backend])])
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        causal = self.spec.causal
+        if key_padding_mask is not None and bool(key_padding_mask.all()):
+            key_padding_mask = None  # no padding in this batch: let every backend run maskless
+        with self._ctx():
+            if key_padding_mask is None:
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            if self.backend == "flash" and q.shape[2] == k.shape[2] and not causal:
+                return _sdpa_jagged(q, k, v, key_padding_mask)
+            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
+            if causal:
+                mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            # rows with no visible key come back NaN from some backends; they are padding queries
+            return out.nan_to_num(0.0) if not causal else out
+
+
+def _sdpa_jagged(q, k, v, key_padding_mask):
+    """Self-attention over the real tokens only, via a jagged nested tensor (flash takes no mask).
+    Padding queries get 0. Assumes real tokens are a prefix or any subset: we gather them per row."""
+    B, H, L, D = q.shape
+    lengths = key_padding_mask.sum(1)
+    idx = key_padding_mask.reshape(-1).nonzero().squeeze(1)  # flat positions of real tokens
+    offsets = torch.zeros(B + 1, dtype=torch.int64, device=q.device)
+    offsets[1:] = lengths.cumsum(0)
+
+    def pack(x):  # (B, H, L, D) -> jagged (B, H, j, D)
+        flat = x.transpose(1, 2).reshape(B * L, H, D)[idx]  # (T, H, D)
+        return torch.nested.nested_tensor_from_jagged(flat, offsets).transpose(1, 2)
+
+    o = F.scaled_dot_product_attention(pack(q), pack(k), pack(v))  # jagged (B, H, j, D)
+    flat = o.transpose(1, 2).values()  # (T, H, D)
+    out = q.new_zeros(B * L, H, D)
+    out = out.index_copy(0, idx, flat)
+    return out.view(B, L, H, D).transpose(1, 2)
+
+
+@register_method("dense")
+class Dense(Method):
+    Config = SDPAConfig
+
+    def make_attention(self, spec):
+        return SDPACore(spec, self.cfg.backend)
+
+
+@dataclass(frozen=True)
+class FlexConfig:
+    compile: str = "auto"  # auto (compile on CUDA) | on | off
+
+
+class FlexCore(AttentionCore):
+    """Dense FlexAttention; key padding through a mask_mod (block mask rebuilt per batch)."""
+
+    _compiled = {}
+
+    def __init__(self, spec, compile_mode: str):
+        super().__init__(spec)
+        self.compile_mode = compile_mode
+
+    def _fns(self, device):
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        use = self.compile_mode == "on" or (self.compile_mode == "auto" and device.type == "cuda")
+        if not use:
+            return flex_attention, create_block_mask
+        if "fa" not in FlexCore._compiled:
+            FlexCore._compiled["fa"] = torch.compile(flex_attention, dynamic=False)
+            FlexCore._compiled["cbm"] = torch.compile(create_block_mask)
+        return FlexCore._compiled["fa"], FlexCore._compiled["cbm"]
+
+    def forward(self, q, k, v, key_padding_mask=None):
+        flex, cbm = self._fns(q.device)
+        B, H, Lq, _ = q.shape
+        Lk = k.shape[2]
+        causal = self.spec.causal
+        if key_padding_mask is not None and bool(key_padding_mask.all()):
+            key_padding_mask = None
+        if key_padding_mask is None and not causal:
+            return flex(q, k, v)
+        kpm = key_padding_mask
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = kv_idx <= q_idx if causal else kv_idx >= 0
+            return ok & kpm[b, kv_idx] if kpm is not None else ok
+
+        block_mask = cbm(mask_mod, B if kpm is not None else None, None, Lq, Lk, device=q.device)
+        out = flex(q, k, v, block_mask=block_mask)
+        if kpm is not None:  # queries that see no key (all-padding rows) are padding: zero them
+            out = out * kpm.any(1)[:, None, None, None].to(out.dtype)
+        return out
+
+
+@register_method("flex")
+class Flex(Method):
+    Config = FlexConfig
+
+    def make_attention(self, spec):
+        return FlexCore(spec, self.cfg.compile)
+
+
+class EagerCore(AttentionCore):
+    def forward(self, q, k, v, key_padding_mask=None):
+        return eager_attention(q, k, v, key_padding_mask, self.spec.causal)
+
+
+@register_method("eager")
+class Eager(Method):
+    def make_attention(self, spec):
+        return EagerCore(spec)

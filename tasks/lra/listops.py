@@ -1,0 +1,1 @@
+from tasks.lra.common import LRAClassificationTask  # placeholder
