@@ -173,3 +173,13 @@ def from_dict(cls: type, data: dict) -> Any:
             v = tuple(v)
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+def apply_overrides_to(cfg: Any, overrides: list[str], section: str) -> Any:
+    """``field=value`` overrides on one (non-run) config dataclass, e.g. the kernel sweep grid."""
+    for item in overrides:
+        if "=" not in item:
+            raise BenchError(f"invalid override {item!r}: expected {section}.field=value")
+        key, value = item.split("=", 1)
+        cfg = _replace_path(cfg, key.strip().split("."), value.strip(), f"{section}.{key}")
+    return cfg

@@ -50,6 +50,8 @@ class Method:
     name: str = "?"
     Config: type = NoConfig
     family: str = "dense"  # dense | sparse: reports compare each sparse method with the best dense one
+    suites: tuple[str, ...] = ()  # suites this method runs in by default (dense baselines run everywhere)
+    variant: str = ""  # set from 'name:key=value' on the command line; shown in reports
 
     def __init__(self, cfg: Any, task: Any = None):
         self.cfg = cfg
@@ -63,6 +65,11 @@ class Method:
 
     def make_attention(self, spec: AttentionSpec) -> AttentionCore:
         raise NotImplementedError
+
+    @classmethod
+    def unavailable_reason(cls, device: torch.device) -> str | None:
+        """None if the method can train on ``device``, else a one-line reason (the sweep skips it)."""
+        return None
 
     def attention(self, spec: AttentionSpec) -> AttentionCore:
         """Called by backbones: builds the core and keeps a handle so hooks can reach every layer."""

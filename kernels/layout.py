@@ -15,7 +15,8 @@ blocks above the diagonal before the tables are built):
 * **column CSC** (dK and dV): for layout head ``g`` and key block ``j`` the kept query blocks
   are ``row_idx[col_ptr[g*nb + j] : col_ptr[g*nb + j + 1]]``, ascending.
 
-Both are int32 and hold ``Hl * nb + 1`` offsets plus ``nnz`` indices: O(nnz blocks) memory.
+Both are int32 and hold ``Hl * nb + 1`` offsets plus ``nnz + 1`` indices (one trailing pad
+entry so that a kernel may always read ``idx[max(hi - 1, 0)]``): O(nnz blocks) memory.
 
 Caching
 -------
@@ -82,9 +83,9 @@ class LayoutLUT:
     nb: int
     causal: bool
     row_ptr: torch.Tensor  # int32 (Hl*nb + 1,)  CSR offsets, per (head, query block)
-    col_idx: torch.Tensor  # int32 (nnz,)        kept key blocks
+    col_idx: torch.Tensor  # int32 (nnz + 1,)    kept key blocks (+1 pad entry)
     col_ptr: torch.Tensor  # int32 (Hl*nb + 1,)  CSC offsets, per (head, key block)
-    row_idx: torch.Tensor  # int32 (nnz,)        kept query blocks
+    row_idx: torch.Tensor  # int32 (nnz + 1,)    kept query blocks (+1 pad entry)
     nnz: int
     max_row_nnz: int
     max_col_nnz: int
@@ -112,9 +113,10 @@ def build_lut(layout: torch.Tensor, causal: bool = False, device=None) -> Layout
     col_ptr = torch.zeros(hl * nb + 1, dtype=torch.int64)
     col_ptr[1:] = torch.cumsum(col_cnt, 0)
     nz = torch.nonzero(lay)  # lexicographic (h, i, j): CSR order
-    col_idx = nz[:, 2]
+    pad = torch.zeros(1, dtype=torch.int64)  # one trailing pad entry: kernels may read idx[max(hi-1, 0)]
+    col_idx = torch.cat([nz[:, 2], pad])
     nzt = torch.nonzero(lay.transpose(1, 2))  # (h, j, i): CSC order
-    row_idx = nzt[:, 2]
+    row_idx = torch.cat([nzt[:, 2], pad])
     as32 = lambda t: t.to(dtype=torch.int32, device=device).contiguous()  # noqa: E731
     return LayoutLUT(
         n_layout_heads=hl,

@@ -154,6 +154,12 @@ class FlexCore(AttentionCore):
 class Flex(Method):
     Config = FlexConfig
 
+    @classmethod
+    def unavailable_reason(cls, device):
+        if device.type != "cuda":
+            return "FlexAttention has no backward pass on CPU (PyTorch limitation); runs on CUDA only"
+        return None
+
     def make_attention(self, spec):
         return FlexCore(spec, self.cfg.compile)
 

@@ -1,0 +1,456 @@
+"""Render ``results/**.json`` into ``reports/``: markdown tables and PNG/SVG figures. Reads records only.
+
+``python run_all.py --report`` calls ``render_reports(Path("results"), Path("reports"), references)``.
+One ``reports/<suite>.md`` per suite present (the suite is the first folder under ``results/``;
+``kind == "kernel_sweep"`` records are the ``kernels`` suite) plus ``reports/README.md``. Every number
+comes from a record; nothing is typed in, nothing is rerun. Output is deterministic: two renders of the
+same records give byte-identical markdown (and SVGs).
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import matplotlib
+import matplotlib.patches
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from bench.config import SCALES
+from bench.records import atomic_write_text, load_records
+from bench.registry import SUITES
+
+NA = "–"  # no runs for this cell
+NM = "n/m"  # not measured
+DAGGER, DDAGGER = "†", "‡"
+
+
+# ----------------------------------------------------------------------------- formatting helpers
+
+def _isnan(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _num(v, missing: str = NM) -> str:
+    """1234, 123.4, 12.35, 0.123 (three significant digits below 1)."""
+    if _isnan(v):
+        return missing
+    a = abs(v)
+    return f"{v:.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:#.3g}"
+
+
+def _ratio(v, missing: str = NM) -> str:
+    return missing if _isnan(v) else f"{v:.2f}×"
+
+
+def _ratio_or_na(v) -> str:
+    return _ratio(v, NA)
+
+
+def _mean_std(vals: list[float]) -> str:
+    """'mean ± std (n)' with the sample std (ddof=1); one seed has no std."""
+    if not vals:
+        return NA
+    a = np.asarray(vals, dtype=float)
+    if len(a) == 1:
+        return f"{_num(a[0])} (1)"
+    return f"{_num(a.mean())} ± {_num(a.std(ddof=1))} ({len(a)})"
+
+
+def _md(df: pd.DataFrame) -> str:
+    return df.to_markdown(index=False, disable_numparse=True) + "\n"
+
+
+def _slug(*parts) -> str:
+    return "_".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(p)).strip("-").lower() for p in parts)
+
+
+def _scale_order(scales) -> list[str]:
+    return sorted(set(scales), key=lambda s: (SCALES.index(s) if s in SCALES else len(SCALES), s))
+
+
+def _save(fig: Figure, figdir: Path, name: str) -> list[Path]:
+    figdir.mkdir(parents=True, exist_ok=True)
+    out = []
+    with matplotlib.rc_context({"svg.hashsalt": "sparsebench", "svg.fonttype": "path"}):
+        for ext, meta in (("png", {"Software": None}), ("svg", {"Date": None})):
+            p = figdir / f"{name}.{ext}"
+            fig.savefig(p, format=ext, metadata=meta, dpi=120, bbox_inches="tight")
+            out.append(p)
+    return out
+
+
+def _links(figs: list[Path]) -> str:
+    return "".join(f"![{p.stem}](figures/{p.name})\n" for p in figs if p.suffix == ".png")
+
+
+# ----------------------------------------------------------------------------- records -> frames
+
+def _suite_of(rec: dict, root: Path) -> str:
+    if rec["kind"] == "kernel_sweep":
+        return "kernels"
+    parts = Path(rec["_path"]).relative_to(root).parts
+    return parts[0] if len(parts) > 1 else "other"
+
+
+def _main_metric(rec: dict) -> str | None:
+    m = rec["budget"].get("main_metric")
+    if m:
+        return m
+    names = [n for n in rec["metrics"] if not n.startswith("dev_")] or list(rec["metrics"])
+    return names[0] if names else None
+
+
+def _runs_frame(recs: list[dict]) -> pd.DataFrame:
+    rows = []
+    for r in recs:
+        variant, meas = r["method_info"].get("variant"), r["measurements"]
+        rows.append(dict(
+            scale=r["scale"], task=r["task"], seed=r["seed"], path=r["_path"],
+            label=r["method"] + (f" [{variant}]" if variant else ""),
+            dense=r["method_info"].get("family") == "dense",
+            main_metric=_main_metric(r), metrics=r["metrics"], hib=r["higher_is_better"],
+            reduced=bool(r["budget"].get("reduced")), note=r["budget"].get("note") or "(no note)",
+            step_ms=meas.get("train_step_ms_median"), tok_s=meas.get("infer_tokens_per_s"),
+            mem_mib=meas.get("peak_mem_mib"), density=r["method_info"].get("density_per_layer"),
+        ))
+    df = pd.DataFrame(rows).sort_values(["scale", "task", "label", "seed", "path"], kind="stable")
+    for c in ("step_ms", "tok_s", "mem_mib"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
+
+
+def _task_metric(t: pd.DataFrame) -> tuple[str, bool]:
+    counts = Counter(m for m in t.main_metric if m)
+    metric = sorted(counts, key=lambda m: (-counts[m], m))[0]
+    hib = next((h[metric] for h in t.hib if metric in h), True)
+    return metric, hib
+
+
+# ----------------------------------------------------------------------------- run suites
+
+def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict]:
+    """methods (columns) × tasks (rows) table for one scale, plus published reference columns."""
+    labels = sorted(df.label.unique())
+    notes: dict[str, set] = {}
+    rows, ref_cols = [], []
+    for task, t in df.groupby("task", sort=True):
+        metric, hib = _task_metric(t)
+        row = {"task (main metric)": f"{task} ({metric} {'↑' if hib else '↓'})"}
+        for label, g in t.groupby("label", sort=True):
+            vals = [m[metric] for m in g.metrics if not _isnan(m.get(metric))]
+            cell = _mean_std(vals)
+            if g.reduced.any():
+                cell += f" {DAGGER}"
+                for note in g[g.reduced].note:
+                    notes.setdefault(note, set()).add(f"{task} / {label}")
+            if g.seed.duplicated().any():
+                cell += f" {DDAGGER}"
+            row[label] = cell
+        for k, v in (refs.get(task) or {}).items():
+            col = f"ref: {k}"
+            ref_cols += [col] if col not in ref_cols else []
+            row[col] = _num(v)
+        rows.append(row)
+    table = pd.DataFrame(rows).reindex(columns=["task (main metric)", *labels, *ref_cols]).fillna(NA)
+    return _md(table), notes
+
+
+def _efficiency(t: pd.DataFrame) -> str:
+    """One task at one scale: step time, inference throughput, peak memory, each vs the fastest dense."""
+    g = t.groupby("label", sort=True).agg(
+        n=("seed", "size"), dense=("dense", "any"),
+        step_ms=("step_ms", "mean"), tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"))
+    dense = g[g.dense & g.step_ms.notna()]
+    out = []
+    if len(dense):
+        best = dense.step_ms.idxmin()
+        ref = g.loc[best]
+        out.append(f"Ratios are to the fastest dense method here: **{best}** ({_num(ref.step_ms)} ms/step).\n")
+    else:
+        ref = pd.Series({"step_ms": np.nan, "tok_s": np.nan, "mem_mib": np.nan})
+        out.append("No dense method with a measured step time here: ratios are n/m.\n")
+    table = pd.DataFrame({
+        "method": g.index, "runs": g.n.astype(str).values,
+        "train step (ms)": [_num(v) for v in g.step_ms], "step / dense": [_ratio(v) for v in g.step_ms / ref.step_ms],
+        "infer (tok/s)": [_num(v) for v in g.tok_s], "tok/s / dense": [_ratio(v) for v in g.tok_s / ref.tok_s],
+        "peak mem (MiB)": [_num(v) for v in g.mem_mib], "mem / dense": [_ratio(v) for v in g.mem_mib / ref.mem_mib],
+    })
+    dens = {}
+    for label, d in t.groupby("label", sort=True):
+        lists = [x for x in d.density if isinstance(x, (list, tuple)) and x]
+        if lists and len({len(x) for x in lists}) == 1:
+            dens[label] = ", ".join(f"{v:.3g}" for v in np.mean(np.asarray(lists, dtype=float), axis=0))
+    if dens:
+        table["attention density per layer"] = [dens.get(label, NA) for label in g.index]
+    out.append(_md(table))
+    return "\n".join(out)
+
+
+def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list[Path]:
+    tasks = sorted(df.task.unique())
+    labels = sorted(df.label.unique())
+    colors = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    written = []
+    # main metric, one panel per task (metrics differ in units), one bar per method
+    fig = Figure(figsize=(max(4.0, 2.6 * len(tasks)), 3.4), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False)[0]
+    for ax, task in zip(axes, tasks):
+        t = df[df.task == task]
+        metric, _ = _task_metric(t)
+        for i, lab in enumerate(labels):
+            vals = [m[metric] for m in t[t.label == lab].metrics if not _isnan(m.get(metric))]
+            if vals:
+                sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+                ax.bar(i, float(np.mean(vals)), yerr=sd, color=colors[lab], capsize=3, label=lab)
+        ax.set_title(f"{task}", fontsize=9)
+        ax.set_ylabel(metric, fontsize=8)
+        ax.set_xticks([])
+    handles = [matplotlib.patches.Patch(color=colors[lab], label=lab) for lab in labels]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
+    fig.suptitle(f"{suite} ({scale}): main metric, mean ± std over seeds", fontsize=10)
+    written += _save(fig, figdir, _slug(suite, scale, "quality"))
+    # train step time relative to the fastest dense method of each task
+    if not (df.dense & df.step_ms.notna()).any():
+        return written
+    fig = Figure(figsize=(max(4.0, 1.2 * len(tasks) * max(1, len(labels)) / 2), 3.4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(labels))
+    for ti, task in enumerate(tasks):
+        g = df[df.task == task].groupby("label").agg(step=("step_ms", "mean"), dense=("dense", "any"))
+        best = g[g.dense].step.min()
+        for i, lab in enumerate(labels):
+            if lab in g.index and not _isnan(best) and not _isnan(g.step[lab]):
+                ax.bar(ti + (i - (len(labels) - 1) / 2) * width, g.step[lab] / best, width, color=colors[lab])
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_ylabel("train step time / fastest dense")
+    ax.legend(handles=handles, fontsize=7)
+    ax.set_title(f"{suite} ({scale}): step time relative to the fastest dense method", fontsize=10)
+    written += _save(fig, figdir, _slug(suite, scale, "step_time"))
+    return written
+
+
+def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tuple[list[str], list[Path]]:
+    df = _runs_frame(recs)
+    md, written = [], []
+    for scale in _scale_order(df.scale):
+        s = df[df.scale == scale]
+        md.append(f"## Scale: {scale}\n")
+        md.append("### Quality\n")
+        md.append("Main test metric per task, mean ± sample std (ddof=1) over seeds, (n) = number of runs. "
+                  "`ref:` columns are published numbers, not runs of this suite.\n")
+        table, notes = _quality(s, refs)
+        md.append(table)
+        if notes:
+            md.append(f"{DAGGER} Reduced budget (not the paper setup):\n")
+            md.append("".join(f"- {note} ({', '.join(sorted(cells))})\n" for note, cells in sorted(notes.items())))
+        if s.groupby(["task", "label"]).seed.apply(lambda x: x.duplicated().any()).any():
+            md.append(f"{DDAGGER} Several records share a seed (configs differ); all of them are averaged.\n")
+        figs = _run_figures(s, suite, scale, figdir)
+        written += figs
+        md.append(_links(figs))
+        md.append("### Efficiency\n")
+        md.append("Means over seeds of the per-run median train step time, inference throughput and peak memory "
+                  "(n/m = not measured).\n")
+        for task, t in s.groupby("task", sort=True):
+            md.append(f"#### {task}\n")
+            md.append(_efficiency(t))
+    return md, written
+
+
+# ----------------------------------------------------------------------------- kernel sweeps
+
+KEYS = ["scale", "gpu", "dtype", "B", "H", "L", "D"]
+TIMES = ["fwd_ms", "fwdbwd_ms"]
+NUM = [*TIMES, "fwd_tflops_eff", "fwdbwd_tflops_eff", "lut_build_ms", "peak_extra_mib", "io_tensors_mib"]
+
+
+def _kernel_frame(recs: list[dict]) -> pd.DataFrame:
+    """All sweep rows (plus the record's scale and GPU); repeated measurements of one point are averaged."""
+    rows = [{"scale": r["scale"], "gpu": r["env"].get("gpu") or "CPU", **row}
+            for r in recs for row in r["measurements"].get("rows", [])]
+    df = pd.DataFrame(rows)
+    df = df.reindex(columns=sorted(set(df.columns) | set(NUM) | {"density_target", "memory_check"}))
+    df[NUM] = df[NUM].apply(pd.to_numeric, errors="coerce")
+    df["density"] = df.density.astype(float).round(6)
+    # the nominal density names a line across L (the realised one varies a little); dense kernels have none
+    df["density_target"] = pd.to_numeric(df.density_target, errors="coerce").fillna(df.density.round(2))
+    df["memory_check"] = df.memory_check.fillna(False).astype(bool)
+    keys = [*KEYS, "memory_check", "kernel", "pattern", "density", "density_target"]
+    return df.groupby(keys, as_index=False, dropna=False)[NUM].mean()
+
+
+def _tname(t: str) -> str:
+    return {"fwd_ms": "fwd", "fwdbwd_ms": "fwd+bwd"}[t]
+
+
+def _is_dense(df: pd.DataFrame) -> pd.Series:
+    return df.kernel.str.startswith("sdpa") | ((df.kernel == "flex") & (df.pattern == "dense"))
+
+
+def _kernel_speedups(k: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Adds speedup columns to one (scale, gpu, dtype, B, H, L, D) slice; returns it and the best dense rows."""
+    k = k.copy()
+    dense = k[_is_dense(k)]
+    best = {t: (dense.loc[dense[t].idxmin()] if dense[t].notna().any() else None) for t in TIMES}
+    flex = k[k.kernel == "flex"].set_index(["pattern", "density"])
+    bs = k.kernel == "block_sparse_triton"
+    for t in TIMES:
+        k[f"x_dense_{t}"] = np.where(bs, best[t][t] / k[t], np.nan) if best[t] is not None else np.nan
+        k[f"x_flex_{t}"] = [flex[t].get((p, d), np.nan) / v if b else np.nan
+                            for p, d, v, b in zip(k.pattern, k.density, k[t], bs)]
+    return k, best
+
+
+def _kernel_table(k: pd.DataFrame) -> str:
+    return _md(pd.DataFrame({
+        "kernel": k.kernel, "pattern": k.pattern, "density": [f"{d:.3g}" for d in k.density],
+        "fwd ms": k.fwd_ms.map(_num), "fwd+bwd ms": k.fwdbwd_ms.map(_num),
+        "fwd × dense": k.x_dense_fwd_ms.map(_ratio_or_na), "fwd+bwd × dense": k.x_dense_fwdbwd_ms.map(_ratio_or_na),
+        "fwd × flex": k.x_flex_fwd_ms.map(_ratio_or_na), "fwd+bwd × flex": k.x_flex_fwdbwd_ms.map(_ratio_or_na),
+        "eff. TFLOP/s fwd": k.fwd_tflops_eff.map(_num), "eff. TFLOP/s fwd+bwd": k.fwdbwd_tflops_eff.map(_num),
+        "LUT build ms": [_num(v, NA) for v in k.lut_build_ms],
+    }))
+
+
+def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
+    """Log-log time vs density per (kernel, pattern); dense kernels as horizontal dashed lines."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    for ax, t in zip(fig.subplots(1, 2), TIMES):
+        for i, ((kern, pat), g) in enumerate(k.groupby(["kernel", "pattern"], sort=True)):
+            g = g.dropna(subset=[t])
+            if g.empty:
+                continue
+            if pat == "dense":
+                ax.axhline(g[t].min(), ls="--", lw=1, color=f"C{i % 10}", label=f"{kern} ({pat})")
+            else:
+                ax.plot(g.density, g[t], "o-", color=f"C{i % 10}", label=f"{kern} ({pat})")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("density (kept blocks)")
+        ax.set_ylabel(f"{_tname(t)} time (ms)")
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _speedup_vs_length(g: pd.DataFrame, title: str) -> Figure:
+    """block_sparse_triton speedup over the best dense kernel vs L, one line per (D, pattern, nominal density)."""
+    fig = Figure(figsize=(8, 3.4), layout="constrained")
+    for ax, t in zip(fig.subplots(1, 2), TIMES):
+        for (D, pat, d), line in g.groupby(["D", "pattern", "density_target"], sort=True):
+            line = line.dropna(subset=[f"x_dense_{t}"]).sort_values("L")
+            if len(line):
+                ax.plot(line.L, line[f"x_dense_{t}"], "o-", label=f"D={D} {pat} d={d:.3g}")
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length L")
+        ax.set_ylabel(f"{_tname(t)} speedup over best dense")
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def _kernel_sections(recs: list[dict], figdir: Path) -> tuple[list[str], list[Path]]:
+    if not any(r["measurements"].get("rows") for r in recs):
+        return ["(no kernel sweep rows)\n"], []
+    df = _kernel_frame(recs)
+    md, written, speed = [], [], []
+    md.append("Times are per call (ms); speedups are of `block_sparse_triton` over the best dense kernel "
+              "(min over `sdpa_*` and `flex` with the dense pattern) and over `flex` with the same layout; "
+              "eff. TFLOP/s count kept blocks only.\n")
+    timing = sorted({f"{r['scale']}: {r['measurements']['timing']}" for r in recs if r["measurements"].get("timing")})
+    md.append("".join(f"- timing ({t})\n" for t in timing))
+    for key, k in df[~df.memory_check].groupby(KEYS, sort=True):
+        scale, gpu, dtype, B, H, L, D = key
+        k, best = _kernel_speedups(k.sort_values(["kernel", "pattern", "density"]))
+        speed.append(k)
+        md.append(f"## {gpu}, {dtype}, {scale}: L={L}, D={D} (B={B}, H={H})\n")
+        md.append("Best dense: " + "; ".join(
+            f"{_tname(t)} {b.kernel} {_num(b[t])} ms" if b is not None else f"{_tname(t)} none measured"
+            for t, b in best.items()) + ".\n")
+        md.append(_kernel_table(k))
+        fig = _time_vs_density(k, f"{gpu} {dtype} ({scale}): L={L}, D={D}, B={B}, H={H}")
+        figs = _save(fig, figdir, _slug("kernels", scale, gpu, dtype, f"L{L}", f"D{D}", f"B{B}", f"H{H}", "time_vs_density"))
+        written += figs
+        md.append(_links(figs))
+    md.append("## Speedup over the best dense kernel vs sequence length\n")
+    sp = pd.concat(speed) if speed else df.iloc[:0].assign(**{f"x_dense_{t}": [] for t in TIMES})
+    sp = sp[(sp.kernel == "block_sparse_triton") & sp[[f"x_dense_{t}" for t in TIMES]].notna().any(axis=1)]
+    for (scale, gpu, dtype), g in sp.groupby(["scale", "gpu", "dtype"], sort=True):
+        figs = _save(_speedup_vs_length(g, f"block_sparse_triton on {gpu} {dtype} ({scale})"),
+                     figdir, _slug("kernels", scale, gpu, dtype, "speedup_vs_L"))
+        written += figs
+        md.append(_links(figs))
+    if sp.empty:
+        md.append("(no block_sparse_triton rows with a measured dense baseline)\n")
+    mem = df[df.memory_check]
+    if len(mem):
+        md.append("## Long-sequence memory check (block_sparse_triton fwd+bwd)\n")
+        md.append(_md(pd.DataFrame({
+            "scale": mem.scale, "gpu": mem.gpu, "L": mem.L.astype(str), "D": mem.D.astype(str),
+            "H": mem.H.astype(str), "density": [f"{d:.3g}" for d in mem.density],
+            "peak extra MiB": mem.peak_extra_mib.map(_num), "O + dQ/dK/dV MiB": mem.io_tensors_mib.map(_num)})))
+    return md, written
+
+
+# ----------------------------------------------------------------------------- env + entry point
+
+def _env_footer(recs: list[dict]) -> str:
+    def distinct(f):
+        return ", ".join(sorted({str(f(r)) for r in recs}))
+
+    def commit(r):
+        c = (r["git"].get("commit") or "unknown")[:10]
+        return c + ("-dirty" if r["git"].get("dirty") else "")
+
+    return ("## Environment\n\n"
+            f"- GPU: {distinct(lambda r: r['env'].get('gpu') or 'CPU (' + str(r['env'].get('cpu')) + ')')}\n"
+            f"- torch: {distinct(lambda r: r['env'].get('torch'))}\n"
+            f"- triton: {distinct(lambda r: r['env'].get('triton'))}\n"
+            f"- CUDA: {distinct(lambda r: r['env'].get('cuda'))}\n"
+            f"- git commit: {distinct(commit)}\n"
+            f"- records: {len(recs)}\n")
+
+
+def render_reports(results_dir: Path, reports_dir: Path,
+                   task_reference: dict[str, dict[str, float]] | None = None) -> list[Path]:
+    """Render every record under ``results_dir`` into ``reports_dir``; returns the written paths."""
+    results_dir, reports_dir = Path(results_dir), Path(reports_dir)
+    refs = task_reference or {}
+    figdir = reports_dir / "figures"
+    by_suite: dict[str, list[dict]] = {}
+    for rec in load_records(results_dir) if results_dir.exists() else []:
+        by_suite.setdefault(_suite_of(rec, results_dir), []).append(rec)
+    written: list[Path] = []
+    for suite, recs in sorted(by_suite.items()):
+        md = [f"# {suite}\n", f"Rendered from {len(recs)} record(s) under `results/{suite}/`; "
+              "regenerate with `python run_all.py --report`.\n"]
+        runs = [r for r in recs if r["kind"] != "kernel_sweep"]
+        sweeps = [r for r in recs if r["kind"] == "kernel_sweep"]
+        if runs:
+            sec, figs = _run_sections(runs, suite, refs, figdir)
+            md += sec
+            written += figs
+        if sweeps:
+            sec, figs = _kernel_sections(sweeps, figdir)
+            md += sec
+            written += figs
+        md.append(_env_footer(recs))
+        path = reports_dir / f"{suite}.md"
+        atomic_write_text(path, "\n".join(md))
+        written.append(path)
+    index = ["# sparsebench reports\n",
+             "Generated from `results/**.json` by `python run_all.py --report`; do not edit by hand.\n"]
+    rows = [{"suite": s, "records": str(len(by_suite.get(s, []))),
+             "report": f"[{s}.md]({s}.md)" if s in by_suite else "(no records)"}
+            for s in sorted(set(SUITES) | set(by_suite))]
+    index.append(_md(pd.DataFrame(rows, columns=["suite", "records", "report"])))
+    path = reports_dir / "README.md"
+    atomic_write_text(path, "\n".join(index))
+    written.append(path)
+    return sorted(written)

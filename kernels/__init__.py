@@ -1,0 +1,40 @@
+"""sparsebench kernels: block-sparse attention, attention statistics, layout helpers.
+
+Import after setting ``TRITON_INTERPRET=1`` if you want the Triton kernels on CPU.
+"""
+from .attention_stats import AttentionStatsAccumulator, attention_stats
+from .block_sparse_attention import HAS_TRITON, block_sparse_attention, block_sparse_attention_reference
+from .layout import (
+    LayoutLUT,
+    bigbird_layout,
+    build_lut,
+    clear_lut_cache,
+    dense_mask_from_layout,
+    get_lut,
+    layout_density,
+    local_layout,
+    longformer_layout,
+    random_layout,
+    strided_layout,
+    validate_layout,
+)
+
+__all__ = [
+    "block_sparse_attention",
+    "block_sparse_attention_reference",
+    "attention_stats",
+    "AttentionStatsAccumulator",
+    "HAS_TRITON",
+    "LayoutLUT",
+    "validate_layout",
+    "build_lut",
+    "get_lut",
+    "clear_lut_cache",
+    "dense_mask_from_layout",
+    "random_layout",
+    "local_layout",
+    "longformer_layout",
+    "bigbird_layout",
+    "strided_layout",
+    "layout_density",
+]

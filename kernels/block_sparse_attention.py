@@ -1,0 +1,713 @@
+"""
+Block-sparse attention (FlashAttention-2 style) in Triton
+=========================================================
+
+This module follows the layout of the Triton tutorials: the kernels first, then a thin
+wrapper that picks tiles and launches them, the ``torch.autograd.Function``, the plain
+PyTorch reference (which is both the CPU path and the test oracle) and the public entry
+point :func:`block_sparse_attention`.
+
+Semantics
+---------
+``q, k, v`` are ``(B, H, L, D)``.  ``layout`` is a bool ``(H or 1, nb, nb)`` block mask with
+``nb = ceil(L / block_size)``.  For query ``i`` let
+
+* ``K_i = {j : layout[h, i // bs, j // bs] and (not causal or j <= i)}``  (kept keys, j < L)
+* ``V_i = K_i ∩ {real keys}``  (``key_padding_mask[b, j]`` True)
+* ``s_ij = sm_scale * q_i . k_j``
+
+``softmax_mode="renorm"`` (standard block-sparse attention)::
+
+    out_i = sum_{j in V_i} softmax_{V_i}(s)_j v_j          (empty V_i -> exactly 0)
+
+``softmax_mode="phantom_zero"`` (SPION's CUDA kernel, spec spion.md §2.4): every position of
+the row outside ``K_i`` is a phantom logit 0 in the denominator::
+
+    out_i = sum_{j in V_i} e^{s_ij} v_j / (sum_{j in V_i} e^{s_ij} + (L - |K_i|))
+
+computed stably with a running max that starts at 0 (``m = max(0, max_j s_ij)``), adding
+``(L - |K_i|) * exp(-m)`` to the row sum before the log-sum-exp is written.  Backward is the
+unchanged FA-2 backward (``D_i = rowsum(dO * O)``): phantom logits are constants that never
+touch V.
+
+Algorithm and cost
+------------------
+Forward: one program per (BLOCK_M query rows, batch*head).  It reads its query tile once,
+walks the kept key blocks of its layout row from the row-CSR table (``kernels.layout``),
+cut into BLOCK_N-wide sub-tiles, keeps an online softmax (running max ``m``, row sum ``l``,
+accumulator ``acc``) in registers, and writes ``out`` and the base-2 log-sum-exp
+``lse2 = m + log2(l)`` (fp32, ``(B, H, L)``).
+
+Backward: two kernels and no atomics (deterministic):
+
+* ``_bwd_dq_kernel`` (row-CSR, one program per query tile): also computes and stores
+  ``delta_i = rowsum(dO_i * O_i)``, then ``dS = P * (dO V^T - delta)``, ``dQ = scale * dS K``.
+* ``_bwd_dkdv_kernel`` (column-CSC, one program per key tile): walks the kept *query* blocks of
+  its key block, recomputes ``P^T`` from the saved lse, ``dV = P^T dO``,
+  ``dK = scale * dS^T Q``.
+
+Let ``nnz`` be the number of kept (query block, key block) pairs over all heads,
+``T = B * nnz * bs^2`` the number of kept score entries, ``e`` the element size.
+
+* FLOPs: forward ``4 * T * D`` (QK^T and PV, 2 each); backward ``10 * T * D``
+  (dQ kernel: QK^T, dO V^T, dS K = 6; dK/dV kernel: QK^T, dO V^T, P^T dO, dS^T Q = 8 ... with the
+  recomputation the backward executes 14 * T * D, the "useful" count being 10 * T * D =
+  2.5 x forward, which is what effective TFLOP/s numbers in docs/perf.md use).
+* Bytes (compulsory, i.e. if every tile were read once): forward ``e * B*H*L*D * 4`` (q, k, v,
+  out) + ``4 * B*H*L`` (lse); backward ``e * B*H*L*D * 8`` (q, k, v, o, dO in; dq, dk, dv out) +
+  ``8 * B*H*L`` (lse, delta).  The kernel actually re-reads K/V once per kept block per query
+  tile: forward traffic ``~ e * (B*H*L*D * 2 + 2 * D * T / BLOCK_M)``; with BLOCK_M = 128 and
+  D = 64, the arithmetic intensity is ``4 T D / (2 e D T / 128) = 128`` FLOP/byte for bf16,
+  above the H100 ridge (~330 FLOP/B is the *HBM* ridge, but K/V tiles mostly hit L2), so the
+  kernel is compute/latency bound for density > ~0.05.  See docs/perf.md for the measured
+  numbers.
+
+Peak extra memory: ``out``, ``lse`` (forward) and ``dq, dk, dv, delta`` (backward): O(L*D).
+The LUTs are O(nnz).  Nothing of size L^2 is ever allocated.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .layout import LayoutLUT, get_lut, validate_layout
+
+try:  # triton is optional: the torch backend works without it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only when triton is absent
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+# TRITON_INTERPRET is read by @triton.jit at decoration time, so this module must be imported
+# after the variable is set (tests do it at the top of the file).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _patch_interpreter_for_numpy2():
+    """triton 3.6's interpreter turns a loaded scalar (a size-1 numpy array) into a loop bound
+    with ``int(arr)``, which numpy >= 2 rejects for 1-d arrays.  Re-register ``__index__`` with
+    an explicit element read.  Only active under TRITON_INTERPRET=1; no effect on GPU."""
+    import triton.runtime.interpreter as interp
+
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_sparsebench_patched", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._sparsebench_patched = True
+    interp._patch_lang_tensor = patched
+
+
+if HAS_TRITON and _INTERPRET:
+    try:
+        _patch_interpreter_for_numpy2()
+    except Exception:  # pragma: no cover - a future triton may not need (or allow) this
+        pass
+
+LOG2E = 1.4426950408889634
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128)
+SOFTMAX_MODES = ("renorm", "phantom_zero")
+BACKENDS = ("auto", "triton", "torch")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
+
+
+# ======================================================================================
+# 1. Kernels
+# ======================================================================================
+if HAS_TRITON:
+
+    @triton.jit
+    def _fwd_kernel(
+        Q, K, V, Out, Lse, KPM,
+        row_ptr, col_idx,
+        sm_scale2,  # sm_scale * log2(e): scores are kept in base 2
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_pb,  # key padding mask batch stride
+        H, L, NB, LUT_H_STRIDE,
+        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, PHANTOM: tl.constexpr, EVEN_L: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+
+        # -- the query tile: read once, BLOCK_M * D * e bytes
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        if EVEN_L:
+            q = tl.load(q_ptrs)
+        else:
+            q = tl.load(q_ptrs, mask=offs_m[:, None] < L, other=0.0)
+        if UPCAST:  # interpreter: tl.dot on bf16 is broken there, emulate bf16 x bf16 -> fp32
+            q = q.to(tl.float32)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+
+        # -- this tile's layout row in the CSR table
+        SUB: tl.constexpr = BS // BLOCK_N
+        iblk = start_m // BS
+        row = h * LUT_H_STRIDE * NB + iblk
+        lo = tl.load(row_ptr + row)
+        hi = tl.load(row_ptr + row + 1)
+
+        if PHANTOM:
+            m_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running max starts at the phantom logit 0
+        else:
+            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        # -- walk kept key blocks x BLOCK_N sub-tiles as one flat loop (pipelines better than
+        #    a nested loop). Per iteration: 2 * BLOCK_N * D * e bytes (K, V), 4*BLOCK_M*BLOCK_N*D FLOPs
+        for t in range(lo * SUB, hi * SUB):
+            jblk = tl.load(col_idx + t // SUB)
+            start_n = jblk * BS + (t % SUB) * BLOCK_N
+            offs_n = start_n + offs_n0
+            kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
+            v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
+            if EVEN_L:
+                kt = tl.load(kt_ptrs)
+            else:
+                kt = tl.load(kt_ptrs, mask=offs_n[None, :] < L, other=0.0)
+            if UPCAST:
+                kt = kt.to(tl.float32)
+            qk = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale2
+            if CAUSAL or HAS_KPM or (not EVEN_L):
+                valid = offs_n[None, :] < L
+                if HAS_KPM:
+                    kp = tl.load(KPM + b * stride_pb + offs_n, mask=offs_n < L, other=0)
+                    valid = valid & (kp[None, :] != 0)
+                if CAUSAL:
+                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
+                qk = tl.where(valid, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            if PHANTOM:
+                m_use = m_new  # >= 0, always finite
+            else:
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(qk - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if EVEN_L:
+                vv = tl.load(v_ptrs)
+            else:
+                vv = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)
+            p = p.to(Out.dtype.element_ty)
+            if UPCAST:
+                vv = vv.to(tl.float32)
+                p = p.to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=DOT_PREC)
+            m_i = m_new
+
+        if PHANTOM:
+            # |K_i| = kept blocks * BS, minus the part of the last layout block beyond L if kept.
+            last = tl.load(col_idx + tl.maximum(hi - 1, 0))
+            n_kept = (hi - lo) * BS - tl.where((hi > lo) & (last == NB - 1), NB * BS - L, 0)
+            l_i = l_i + (L - n_kept).to(tl.float32) * tl.exp2(-m_i)
+        nonempty = l_i > 0.0
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse2 = tl.where(nonempty, m_i + tl.log2(l_safe), float("inf"))  # empty row: P == 0 in bwd
+
+        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        if EVEN_L:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+            tl.store(Lse + pid_bh * L + offs_m, lse2)
+        else:
+            tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_m[:, None] < L)
+            tl.store(Lse + pid_bh * L + offs_m, lse2, mask=offs_m < L)
+
+    @triton.jit
+    def _bwd_dq_kernel(
+        Q, K, V, O, DO, Lse, Delta, DQ, KPM,
+        row_ptr, col_idx,
+        sm_scale, sm_scale2,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+        stride_pb,
+        H, L, NB, LUT_H_STRIDE,
+        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_L: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < L
+
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        o = tl.load(o_ptrs, mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)
+        # fused "preprocess": delta_i = rowsum(dO_i * O_i), stored for the dK/dV kernel
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(Delta + pid_bh * L + offs_m, delta, mask=row_ok)
+        lse2 = tl.load(Lse + pid_bh * L + offs_m, mask=row_ok, other=float("inf"))
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+
+        SUB: tl.constexpr = BS // BLOCK_N
+        iblk = start_m // BS
+        row = h * LUT_H_STRIDE * NB + iblk
+        lo = tl.load(row_ptr + row)
+        hi = tl.load(row_ptr + row + 1)
+        dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for t in range(lo * SUB, hi * SUB):
+            jblk = tl.load(col_idx + t // SUB)
+            start_n = jblk * BS + (t % SUB) * BLOCK_N
+            offs_n = start_n + offs_n0
+            k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, D)
+            vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd  # (D, BLOCK_N)
+            if EVEN_L:
+                k = tl.load(k_ptrs)
+                vt = tl.load(vt_ptrs)
+            else:
+                k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)
+                vt = tl.load(vt_ptrs, mask=offs_n[None, :] < L, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                vt = vt.to(tl.float32)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale2
+            if CAUSAL or HAS_KPM or (not EVEN_L):
+                valid = offs_n[None, :] < L
+                if HAS_KPM:
+                    kp = tl.load(KPM + b * stride_pb + offs_n, mask=offs_n < L, other=0)
+                    valid = valid & (kp[None, :] != 0)
+                if CAUSAL:
+                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
+                qk = tl.where(valid, qk, float("-inf"))
+            p = tl.exp2(qk - lse2[:, None])
+            dp = tl.dot(do, vt, input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            ds = ds.to(DQ.dtype.element_ty)
+            if UPCAST:
+                ds = ds.to(tl.float32)
+            dq += tl.dot(ds, k, input_precision=DOT_PREC)
+        dq = dq * sm_scale
+        dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+        tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+    @triton.jit
+    def _bwd_dkdv_kernel(
+        Q, K, V, DO, Lse, Delta, DK, DV, KPM,
+        col_ptr, row_idx,
+        sm_scale, sm_scale2,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_dob, stride_doh, stride_dom, stride_dod,
+        stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+        stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+        stride_pb,
+        H, L, NB, LUT_H_STRIDE,
+        BS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+        CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, EVEN_L: tl.constexpr,
+        DOT_PREC: tl.constexpr, UPCAST: tl.constexpr,
+    ):
+        pid_n = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // H
+        h = pid_bh % H
+        start_n = pid_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        col_ok = offs_n < L
+
+        k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        key_ok = col_ok
+        if HAS_KPM:
+            kp = tl.load(KPM + b * stride_pb + offs_n, mask=col_ok, other=0)
+            key_ok = key_ok & (kp != 0)
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+
+        SUB: tl.constexpr = BS // BLOCK_M
+        jblk = start_n // BS
+        col = h * LUT_H_STRIDE * NB + jblk
+        lo = tl.load(col_ptr + col)
+        hi = tl.load(col_ptr + col + 1)
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for t in range(lo * SUB, hi * SUB):
+            iblk = tl.load(row_idx + t // SUB)
+            start_m = iblk * BS + (t % SUB) * BLOCK_M
+            offs_m = start_m + offs_m0
+            q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # (BLOCK_M, D)
+            do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+            if EVEN_L:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+                lse2 = tl.load(Lse + pid_bh * L + offs_m)
+                delta = tl.load(Delta + pid_bh * L + offs_m)
+            else:
+                m_ok = offs_m < L
+                q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+                lse2 = tl.load(Lse + pid_bh * L + offs_m, mask=m_ok, other=float("inf"))
+                delta = tl.load(Delta + pid_bh * L + offs_m, mask=m_ok, other=0.0)
+            if UPCAST:
+                q = q.to(tl.float32)
+                do = do.to(tl.float32)
+            qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * sm_scale2  # (BLOCK_N, BLOCK_M)
+            if CAUSAL or HAS_KPM or (not EVEN_L):
+                valid = key_ok[:, None]
+                if CAUSAL:
+                    valid = valid & (offs_m[None, :] >= offs_n[:, None])
+                qkt = tl.where(valid, qkt, float("-inf"))
+            pt = tl.exp2(qkt - lse2[None, :])
+            ptc = pt.to(DV.dtype.element_ty)
+            if UPCAST:
+                ptc = ptc.to(tl.float32)
+            dv += tl.dot(ptc, do, input_precision=DOT_PREC)
+            dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dst = pt * (dpt - delta[None, :])
+            dst = dst.to(DK.dtype.element_ty)
+            if UPCAST:
+                dst = dst.to(tl.float32)
+            dk += tl.dot(dst, q, input_precision=DOT_PREC)
+        dk = dk * sm_scale
+        dk_ptrs = DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        dv_ptrs = DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+# ======================================================================================
+# 2. Tile configuration and launch wrappers
+# ======================================================================================
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M/BLOCK_N are clipped to block_size.
+# Chosen on an H100 (see docs/perf.md, "v2"); fp32 uses smaller tiles (register/smem budget).
+_FWD_CFG = {
+    # head_dim: 16-bit config, fp32 config
+    16: ((128, 64, 4, 3), (64, 32, 4, 2)),
+    32: ((128, 64, 4, 3), (64, 32, 4, 2)),
+    64: ((128, 64, 4, 3), (64, 32, 4, 2)),
+    128: ((128, 64, 8, 3), (64, 32, 4, 2)),
+}
+_BWD_DQ_CFG = {
+    16: ((128, 32, 4, 3), (64, 32, 4, 2)),
+    32: ((128, 32, 4, 3), (64, 32, 4, 2)),
+    64: ((128, 32, 4, 3), (64, 32, 4, 2)),
+    128: ((64, 32, 4, 3), (32, 32, 4, 2)),
+}
+_BWD_DKV_CFG = {
+    16: ((32, 128, 4, 3), (32, 64, 4, 2)),
+    32: ((32, 128, 4, 3), (32, 64, 4, 2)),
+    64: ((32, 128, 4, 3), (32, 64, 4, 2)),
+    128: ((32, 64, 4, 3), (32, 32, 4, 2)),
+}
+
+
+def _pick(table, D, dtype, bs, override=None):
+    if override is not None:
+        bm, bn, w, s = override
+    elif _INTERPRET:
+        # interpreter: numpy ops are vectorised, so fewer/larger tiles are faster
+        bm, bn, w, s = bs, bs, 4, 1
+    else:
+        bm, bn, w, s = table[D][0 if dtype != torch.float32 else 1]
+    bm, bn = min(bm, bs), min(bn, bs)
+    if bs % bm or bs % bn or bm < 16 or bn < 16:
+        raise ValueError(f"tile ({bm}, {bn}) must divide block_size={bs} and be >= 16")
+    return bm, bn, w, s
+
+
+def _dot_precision(dtype):
+    if dtype == torch.float32:
+        # fp32 follows torch's matmul policy: IEEE unless TF32 matmuls are allowed globally
+        return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32"  # ignored for 16-bit inputs
+
+
+def _check_triton_usable(t: torch.Tensor):
+    if not HAS_TRITON:
+        raise RuntimeError("backend='triton' requires the 'triton' package, which is not installed; use backend='torch'")
+    if t.device.type != "cuda" and not _INTERPRET:
+        raise RuntimeError(
+            "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 set before importing kernels "
+            f"(got tensors on {t.device})"
+        )
+
+
+def _kpm_arg(key_padding_mask, q):
+    if key_padding_mask is None:
+        return q, 0, False  # dummy pointer, never read
+    kpm = key_padding_mask.to(device=q.device, dtype=torch.uint8).contiguous()
+    return kpm, kpm.stride(0), True
+
+
+def _triton_forward(q, k, v, lut: LayoutLUT, key_padding_mask, causal, phantom, sm_scale, block_size,
+                    out=None, lse=None, cfg=None):
+    """Launch the forward kernel. ``out``/``lse`` may be preallocated (tests poison them)."""
+    B, H, L, D = q.shape
+    bs = block_size
+    bm, bn, warps, stages = _pick(_FWD_CFG, D, q.dtype, bs, cfg)
+    if out is None:
+        out = torch.empty_like(q)
+    if lse is None:
+        lse = torch.empty((B, H, L), device=q.device, dtype=torch.float32)
+    kpm, stride_pb, has_kpm = _kpm_arg(key_padding_mask, q)
+    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(L, bm), B * H)
+    _fwd_kernel[grid](
+        q, k, v, out, lse, kpm,
+        lut.row_ptr, lut.col_idx,
+        sm_scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        stride_pb,
+        H, L, lut.nb, 0 if lut.n_layout_heads == 1 else 1,
+        BS=bs, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D,
+        CAUSAL=bool(causal), HAS_KPM=has_kpm, PHANTOM=bool(phantom), EVEN_L=(L % bs == 0),
+        DOT_PREC=_dot_precision(q.dtype), UPCAST=upcast,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse
+
+
+def _triton_backward(do, q, k, v, out, lse, lut: LayoutLUT, key_padding_mask, causal, sm_scale, block_size,
+                     dq=None, dk=None, dv=None, delta=None, cfg_dq=None, cfg_dkv=None):
+    """Launch the dQ kernel (which also writes delta) then the dK/dV kernel."""
+    B, H, L, D = q.shape
+    bs = block_size
+    dq = torch.empty_like(q) if dq is None else dq
+    dk = torch.empty_like(k) if dk is None else dk
+    dv = torch.empty_like(v) if dv is None else dv
+    delta = torch.empty((B, H, L), device=q.device, dtype=torch.float32) if delta is None else delta
+    kpm, stride_pb, has_kpm = _kpm_arg(key_padding_mask, q)
+    upcast = _INTERPRET and q.dtype == torch.bfloat16
+    prec = _dot_precision(q.dtype)
+    even = L % bs == 0
+    lut_hs = 0 if lut.n_layout_heads == 1 else 1
+
+    bm, bn, warps, stages = _pick(_BWD_DQ_CFG, D, q.dtype, bs, cfg_dq)
+    _bwd_dq_kernel[(triton.cdiv(L, bm), B * H)](
+        q, k, v, out, do, lse, delta, dq, kpm,
+        lut.row_ptr, lut.col_idx,
+        sm_scale, sm_scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *do.stride(), *dq.stride(),
+        stride_pb,
+        H, L, lut.nb, lut_hs,
+        BS=bs, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D,
+        CAUSAL=bool(causal), HAS_KPM=has_kpm, EVEN_L=even, DOT_PREC=prec, UPCAST=upcast,
+        num_warps=warps, num_stages=stages,
+    )
+    bm, bn, warps, stages = _pick(_BWD_DKV_CFG, D, q.dtype, bs, cfg_dkv)
+    _bwd_dkdv_kernel[(triton.cdiv(L, bn), B * H)](
+        q, k, v, do, lse, delta, dk, dv, kpm,
+        lut.col_ptr, lut.row_idx,
+        sm_scale, sm_scale * LOG2E,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        stride_pb,
+        H, L, lut.nb, lut_hs,
+        BS=bs, BLOCK_M=bm, BLOCK_N=bn, HEAD_DIM=D,
+        CAUSAL=bool(causal), HAS_KPM=has_kpm, EVEN_L=even, DOT_PREC=prec, UPCAST=upcast,
+        num_warps=warps, num_stages=stages,
+    )
+    return dq, dk, dv, delta
+
+
+# ======================================================================================
+# 3. autograd.Function
+# ======================================================================================
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lut, key_padding_mask, causal, phantom, sm_scale, block_size):
+        out, lse = _triton_forward(q, k, v, lut, key_padding_mask, causal, phantom, sm_scale, block_size)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.lut = lut
+        ctx.kpm = key_padding_mask
+        ctx.causal = causal
+        ctx.sm_scale = sm_scale
+        ctx.block_size = block_size
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv, _ = _triton_backward(
+            do, q, k, v, out, lse, ctx.lut, ctx.kpm, ctx.causal, ctx.sm_scale, ctx.block_size
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# ======================================================================================
+# 4. Plain PyTorch reference (CPU path and test oracle)
+# ======================================================================================
+_REF_CHUNK_ELEMS = 1 << 24  # scores per query chunk (64 MiB in fp32)
+
+
+def _ref_chunk(q_c, k, v, mask_c, n_kept_c, L, phantom, sm_scale):
+    """One query chunk. q_c (B,H,c,D); mask_c (B or 1, H or 1, c, L) bool; n_kept_c (1|H, c, 1)."""
+    s = torch.matmul(q_c, k.transpose(-1, -2)) * sm_scale
+    s = s.masked_fill(~mask_c, float("-inf"))
+    mx = s.amax(-1, keepdim=True).detach()  # the result is invariant to this shift
+    if phantom:
+        mx = mx.clamp_min(0.0)  # running max starts at the phantom logit 0
+    else:
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
+    e = torch.exp(s - mx)  # masked entries: exp(-inf) = 0, and zero gradient
+    den = e.sum(-1, keepdim=True)
+    if phantom:
+        den = den + (L - n_kept_c).to(den.dtype) * torch.exp(-mx)
+    den = torch.where(den > 0, den, torch.ones_like(den))  # empty row -> output exactly 0
+    return torch.matmul(e / den, v)
+
+
+def block_sparse_attention_reference(q, k, v, layout, *, block_size=64, causal=False, key_padding_mask=None,
+                                     softmax_mode="renorm", sm_scale=None):
+    """Plain PyTorch block-sparse attention, computed by query-block chunks.
+
+    Differentiable through ordinary autograd; when gradients are needed each chunk runs under
+    ``torch.utils.checkpoint`` so the saved activations stay O(chunk * L), never B*H*L*L.
+    Computes in fp32 (fp64 for fp64 inputs) and returns q's dtype.  No input validation
+    (see :func:`block_sparse_attention`).
+    """
+    B, H, L, D = q.shape
+    bs = block_size
+    nb = math.ceil(L / bs)
+    phantom = softmax_mode == "phantom_zero"
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    lay = layout.to(q.device)
+    if causal:
+        lay = lay & torch.ones(nb, nb, dtype=torch.bool, device=q.device).tril()
+    colmask = lay.repeat_interleave(bs, dim=2)[:, :, :L]  # (Hl, nb, L): kept keys per query block
+    n_kept = colmask.sum(-1)  # (Hl, nb): |K_i| (no causal in phantom mode)
+    kpm = None if key_padding_mask is None else key_padding_mask.to(q.device)[:, None, None, :]
+    rows_per_chunk = max(bs, (_REF_CHUNK_ELEMS // max(1, B * H * L)) // bs * bs)
+    need_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    outs = []
+    for r0 in range(0, L, rows_per_chunk):
+        r1 = min(L, r0 + rows_per_chunk)
+        rows = torch.arange(r0, r1, device=q.device)
+        rb = rows // bs
+        m = colmask[:, rb, :]  # (Hl, c, L)
+        if causal:
+            m = m & (torch.arange(L, device=q.device)[None, None, :] <= rows[None, :, None])
+        m = m.unsqueeze(0)  # (1, Hl, c, L)
+        if kpm is not None:
+            m = m & kpm
+        nk = n_kept[:, rb].unsqueeze(-1).unsqueeze(0)  # (1, Hl, c, 1)
+        args = (qc[:, :, r0:r1], kc, vc, m, nk, L, phantom, sm_scale)
+        if need_grad:
+            outs.append(checkpoint(_ref_chunk, *args, use_reentrant=False))
+        else:
+            outs.append(_ref_chunk(*args))
+    return torch.cat(outs, dim=2).to(q.dtype)
+
+
+# ======================================================================================
+# 5. Public entry point
+# ======================================================================================
+def _validate(q, k, v, layout, block_size, causal, key_padding_mask, softmax_mode, sm_scale, backend):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor of shape (B, H, L, D), got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (B, H, L, D), got shape {tuple(t.shape)}")
+    if k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"k, v: expected the same shape as q {tuple(q.shape)}, got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"k, v: expected the same dtype as q ({q.dtype}), got k {k.dtype} and v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"k, v: expected the same device as q ({q.device}), got k {k.device} and v {v.device}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    allowed = _TRITON_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if q.dtype not in allowed:
+        raise ValueError(f"q: expected dtype in {allowed} (float64 only with backend='torch'), got {q.dtype}")
+    B, H, L, D = q.shape
+    if L < 1 or B < 1 or H < 1:
+        raise ValueError(f"q: expected B, H, L >= 1, got shape {tuple(q.shape)}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q: expected head dim D in {SUPPORTED_HEAD_DIMS}, got {D}")
+    if block_size not in SUPPORTED_BLOCK_SIZES:
+        raise ValueError(f"block_size: expected one of {SUPPORTED_BLOCK_SIZES}, got {block_size!r}")
+    if softmax_mode not in SOFTMAX_MODES:
+        raise ValueError(f"softmax_mode: expected one of {SOFTMAX_MODES}, got {softmax_mode!r}")
+    if softmax_mode == "phantom_zero" and causal:
+        raise ValueError("softmax_mode: 'phantom_zero' does not support causal=True (SPION's kernel is non-causal)")
+    if sm_scale is not None and not isinstance(sm_scale, (int, float)):
+        raise ValueError(f"sm_scale: expected a float or None, got {type(sm_scale).__name__}")
+    nb = math.ceil(L / block_size)
+    validate_layout(layout, H, nb)
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            raise ValueError(
+                "key_padding_mask: expected a bool tensor of shape (B, L) (True = real token), got "
+                + (str(key_padding_mask.dtype) if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask).__name__)
+            )
+        if tuple(key_padding_mask.shape) != (B, L):
+            raise ValueError(f"key_padding_mask: expected shape ({B}, {L}), got {tuple(key_padding_mask.shape)}")
+
+
+def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, key_padding_mask=None,
+                           softmax_mode="renorm", sm_scale=None, backend="auto"):
+    """Block-sparse attention; see the module docstring for the exact semantics.
+
+    Returns a tensor with q's shape and dtype.  ``backend``: ``"triton"`` (CUDA, or CPU under
+    TRITON_INTERPRET=1), ``"torch"`` (chunked reference), ``"auto"`` (triton on CUDA else torch).
+    Bad arguments raise ValueError naming the argument.
+    """
+    _validate(q, k, v, layout, block_size, causal, key_padding_mask, softmax_mode, sm_scale, backend)
+    D = q.shape[-1]
+    sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
+    if backend == "auto":
+        backend = "triton" if (q.is_cuda and HAS_TRITON) else "torch"
+    if backend == "torch":
+        return block_sparse_attention_reference(
+            q, k, v, layout, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask,
+            softmax_mode=softmax_mode, sm_scale=sm_scale,
+        )
+    _check_triton_usable(q)
+    lut = get_lut(layout, causal, q.device)
+    return _BlockSparseAttention.apply(
+        q, k, v, lut, key_padding_mask, bool(causal), softmax_mode == "phantom_zero", sm_scale, block_size
+    )

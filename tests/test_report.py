@@ -1,0 +1,146 @@
+"""bench/report.py on synthetic records written into tmp_path (never results/ or reports/)."""
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from bench.records import RunRecord, record_filename, write_record
+from bench.report import render_reports
+
+ENV = {"gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "cuda": "12.8", "cpu": "x86_64"}
+ACC = {  # (task, method) -> accuracy per seed
+    ("listops", "dense"): [36.0, 38.0],
+    ("listops", "bigbird"): [35.0, 36.5],
+    ("text", "dense"): [64.0, 65.0],
+    ("text", "bigbird"): [63.0, 64.5],
+}
+STEP_MS = {"dense": 10.0, "bigbird": 5.0}
+
+
+def _run(task, method, seed, acc):
+    sparse = method != "dense"
+    return RunRecord(
+        kind="run", task=task, method=method, scale="small", seed=seed, config={}, config_hash=f"h{seed}{method}",
+        metrics={"accuracy": acc, "dev_accuracy": acc + 1}, higher_is_better={"accuracy": True, "dev_accuracy": True},
+        measurements={"train_step_ms_median": STEP_MS[method], "infer_tokens_per_s": 1000.0 / STEP_MS[method],
+                      # bigbird on text did not measure memory
+                      "peak_mem_mib": None if (sparse and task == "text") else (100.0 if sparse else 400.0)},
+        budget={"main_metric": "accuracy", "steps_run": 100, "reduced": task == "text", "note": "steps 20000 -> 100"},
+        method_info={"family": "sparse" if sparse else "dense", "variant": "sdpa" if not sparse else None,
+                     **({"density_per_layer": [0.25, 0.125]} if sparse else {})},
+        env=ENV, git={"commit": "0123456789abcdef", "dirty": False}, date="2025-01-01T00:00:00+00:00", wall_time_s=1.0,
+    )
+
+
+def _sweep():
+    rows = []
+    for L in (4096, 16384):
+        s = L / 4096
+        rows += [dict(kernel="sdpa_cudnn", pattern="dense", density=1.0, fwd_ms=0.6 * s, fwdbwd_ms=2.2 * s),
+                 dict(kernel="sdpa_flash", pattern="dense", density=1.0, fwd_ms=0.9 * s, fwdbwd_ms=3.4 * s),
+                 dict(kernel="flex", pattern="dense", density=1.0, fwd_ms=0.7 * s, fwdbwd_ms=3.0 * s)]
+        for d in (0.25, 0.5):
+            rows += [dict(kernel="flex", pattern="random", density=d, fwd_ms=0.8 * d * s, fwdbwd_ms=3.2 * d * s),
+                     dict(kernel="block_sparse_triton", pattern="random", density=d, fwd_ms=0.6 * d * s,
+                          fwdbwd_ms=2.4 * d * s, lut_build_ms=0.01, density_target=d)]
+        for r in rows[-7:]:
+            r.update(L=L, D=64, B=1, H=16, dtype="bf16", fwd_tflops_eff=300.0, fwdbwd_tflops_eff=250.0)
+    rows.append(dict(kernel="block_sparse_triton", pattern="random", L=65536, D=64, B=1, H=16, density=0.05,
+                     dtype="bf16", memory_check=True, peak_extra_mib=70.0, io_tensors_mib=64.0, fwd_ms=None))
+    return RunRecord(
+        kind="kernel_sweep", task="attention", method="sweep", scale="paper", seed=0, config={}, config_hash="k0",
+        metrics={}, higher_is_better={}, measurements={"rows": rows}, budget={}, method_info={}, env=ENV,
+        git={"commit": "0123456789abcdef", "dirty": True}, date="2025-01-01T00:00:00+00:00", wall_time_s=1.0)
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    results = tmp / "results"
+    for (task, method), accs in ACC.items():
+        for seed, acc in enumerate(accs):
+            rec = _run(task, method, seed, acc)
+            write_record(rec, results / "lra" / record_filename(task, method, "small", seed, rec.config_hash))
+    write_record(_sweep(), results / "kernels" / "attention__sweep__paper__s0__k0.json")
+    refs = {"listops": {"LRA Transformer": 36.37}, "text": {"LRA Transformer": 64.27}}
+    first = render_reports(results, tmp / "r1", refs)
+    second = render_reports(results, tmp / "r2", refs)
+    return tmp, first, second
+
+
+def _read(tmp, run, name):
+    return (tmp / run / name).read_text(encoding="utf-8")
+
+
+def _cells(md, first_cell):
+    """The cells of the first markdown table row whose first cell is ``first_cell``."""
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] == first_cell:
+            return cells
+    raise AssertionError(f"no row {first_cell!r}")
+
+
+def test_markdown_is_deterministic(rendered):
+    tmp, first, second = rendered
+    names = sorted(p.name for p in first if p.suffix == ".md")
+    assert names == ["README.md", "kernels.md", "lra.md"]
+    for name in names:
+        assert _read(tmp, "r1", name) == _read(tmp, "r2", name)
+    for p in first:  # SVGs are deterministic too (fixed hash salt, no date)
+        if p.suffix == ".svg":
+            assert p.read_bytes() == (tmp / "r2" / "figures" / p.name).read_bytes()
+
+
+def test_quality_table(rendered):
+    tmp, _, _ = rendered
+    md = _read(tmp, "r1", "lra.md")
+    mean, std = statistics.mean([36.0, 38.0]), statistics.stdev([36.0, 38.0])
+    assert f"{mean:.2f} ± {std:.2f} (2)" == "37.00 ± 1.41 (2)"  # sample std (ddof=1)
+    assert _cells(md, "task (main metric)") == ["task (main metric)", "bigbird", "dense [sdpa]", "ref: LRA Transformer"]
+    assert _cells(md, "listops (accuracy ↑)")[1:] == ["35.75 ± 1.06 (2)", "37.00 ± 1.41 (2)", "36.37"]
+    assert "dense [sdpa]" in md and "ref: LRA Transformer" in md and "36.37" in md
+    # text runs are reduced-budget: † on their cells, listops cells unmarked, footnote with the note
+    assert "64.50 ± 0.707 (2) †" in md and "37.00 ± 1.41 (2) †" not in md
+    assert "† Reduced budget" in md and "steps 20000 -> 100 (text / bigbird, text / dense [sdpa])" in md
+
+
+def test_efficiency_table(rendered):
+    tmp, _, _ = rendered
+    md = _read(tmp, "r1", "lra.md")
+    text = md.split("#### text")[1]
+    assert "fastest dense method here: **dense [sdpa]** (10.00 ms/step)" in text
+    cells = _cells(text, "bigbird")
+    assert cells[2:8] == ["5.00", "0.50×", "200.0", "2.00×", "n/m", "n/m"]
+    assert cells[8] == "0.25, 0.125"
+    listops = md.split("#### listops")[1].split("####")[0]
+    assert "| 100.0 " in listops and "0.25×" in listops  # memory ratio 100 / 400
+    assert "## Environment" in md and "NVIDIA H100 80GB HBM3" in md and "0123456789" in md
+
+
+def test_kernel_report(rendered):
+    tmp, _, _ = rendered
+    md = _read(tmp, "r1", "kernels.md")
+    assert "## NVIDIA H100 80GB HBM3, bf16, paper: L=4096, D=64 (B=1, H=16)" in md
+    assert "Best dense: fwd sdpa_cudnn 0.600 ms; fwd+bwd sdpa_cudnn 2.20 ms" in md
+    cells = _cells(md, "block_sparse_triton")  # first one: L=4096, random, density 0.25
+    assert cells[1:3] == ["random", "0.25"]
+    # fwd 0.15 ms: 0.6 / 0.15 = 4x over cuDNN; flex same layout 0.2 / 0.15 = 1.33x
+    assert cells[3:9] == ["0.150", "0.600", "4.00×", "3.67×", "1.33×", "1.33×"]
+    assert "L=65536" not in md.split("## Long-sequence memory check")[0]  # memory point kept out of the timings
+    assert _cells(md, "paper")[2:] == ["65536", "64", "16", "0.05", "70.0", "64.0"]
+    assert "0123456789-dirty" in md
+    readme = _read(tmp, "r1", "README.md")
+    assert "[lra.md](lra.md)" in readme and "(no records)" in readme  # e.g. glue has none
+
+
+def test_figures_exist(rendered):
+    tmp, first, _ = rendered
+    figs = tmp / "r1" / "figures"
+    for stem in ["lra_small_quality", "lra_small_step_time",
+                 "kernels_paper_nvidia-h100-80gb-hbm3_bf16_l4096_d64_b1_h16_time_vs_density",
+                 "kernels_paper_nvidia-h100-80gb-hbm3_bf16_speedup_vs_l"]:
+        for ext in ("png", "svg"):
+            p = figs / f"{stem}.{ext}"
+            assert p in first and p.stat().st_size > 1000
