@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import functools
+import os
 import platform
 import socket
 import subprocess
@@ -21,9 +22,14 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict:
+    """Commit and dirty flag. A copy of the tree without .git (e.g. on a rented GPU box) can pass them in
+    ``SPARSEBENCH_GIT_COMMIT`` / ``SPARSEBENCH_GIT_DIRTY``; the record says where they came from."""
     commit = _git("rev-parse", "HEAD")
+    if commit is None and os.environ.get("SPARSEBENCH_GIT_COMMIT"):
+        dirty = os.environ.get("SPARSEBENCH_GIT_DIRTY", "").lower()
+        return {"commit": os.environ["SPARSEBENCH_GIT_COMMIT"], "dirty": dirty in ("1", "true", "yes"), "source": "env"}
     status = _git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    return {"commit": commit, "dirty": bool(status) if status is not None else None, "source": "git"}
 
 
 def now_utc() -> str:

@@ -124,8 +124,9 @@ def _runs_frame(recs: list[dict]) -> pd.DataFrame:
 
 
 def _task_metric(t: pd.DataFrame) -> tuple[str, bool]:
+    """The task's main metric (the most common one among its records) and whether higher is better."""
     counts = Counter(m for m in t.main_metric if m)
-    metric = sorted(counts, key=lambda m: (-counts[m], m))[0]
+    metric = min(counts, key=lambda m: (-counts[m], m)) if counts else "?"
     hib = next((h[metric] for h in t.hib if metric in h), True)
     return metric, hib
 
@@ -298,7 +299,7 @@ def _kernel_speedups(k: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     dense = k[_is_dense(k)]
     best = {t: (dense.loc[dense[t].idxmin()] if dense[t].notna().any() else None) for t in TIMES}
     flex = k[k.kernel == "flex"].set_index(["pattern", "density"])
-    bs = k.kernel == "block_sparse_triton"
+    bs = k.kernel.str.startswith("block_sparse")
     for t in TIMES:
         k[f"x_dense_{t}"] = np.where(bs, best[t][t] / k[t], np.nan) if best[t] is not None else np.nan
         k[f"x_flex_{t}"] = [flex[t].get((p, d), np.nan) / v if b else np.nan
@@ -339,7 +340,7 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
 
 
 def _speedup_vs_length(g: pd.DataFrame, title: str) -> Figure:
-    """block_sparse_triton speedup over the best dense kernel vs L, one line per (D, pattern, nominal density)."""
+    """Speedup of one block-sparse kernel over the best dense kernel vs L, a line per (D, pattern, nominal density)."""
     fig = Figure(figsize=(8, 3.4), layout="constrained")
     for ax, t in zip(fig.subplots(1, 2), TIMES):
         for (D, pat, d), line in g.groupby(["D", "pattern", "density_target"], sort=True):
@@ -360,11 +361,14 @@ def _kernel_sections(recs: list[dict], figdir: Path) -> tuple[list[str], list[Pa
         return ["(no kernel sweep rows)\n"], []
     df = _kernel_frame(recs)
     md, written, speed = [], [], []
-    md.append("Times are per call (ms); speedups are of `block_sparse_triton` over the best dense kernel "
+    md.append("Times are per call (ms); speedups are of the block-sparse kernels (`block_sparse_triton`; "
+              "`block_sparse_torch` is the CPU reference) over the best dense kernel "
               "(min over `sdpa_*` and `flex` with the dense pattern) and over `flex` with the same layout; "
               "eff. TFLOP/s count kept blocks only.\n")
-    timing = sorted({f"{r['scale']}: {r['measurements']['timing']}" for r in recs if r["measurements"].get("timing")})
-    md.append("".join(f"- timing ({t})\n" for t in timing))
+    notes = sorted({f"- {r['scale']}: " + "; ".join(filter(None, [
+        r["measurements"].get("timing"), f"reduced budget: {r['budget'].get('note') or '(no note)'}"
+        if r["budget"].get("reduced") else ""])) for r in recs})
+    md.append("\n".join(notes) + "\n")
     for key, k in df[~df.memory_check].groupby(KEYS, sort=True):
         scale, gpu, dtype, B, H, L, D = key
         k, best = _kernel_speedups(k.sort_values(["kernel", "pattern", "density"]))
@@ -380,14 +384,14 @@ def _kernel_sections(recs: list[dict], figdir: Path) -> tuple[list[str], list[Pa
         md.append(_links(figs))
     md.append("## Speedup over the best dense kernel vs sequence length\n")
     sp = pd.concat(speed) if speed else df.iloc[:0].assign(**{f"x_dense_{t}": [] for t in TIMES})
-    sp = sp[(sp.kernel == "block_sparse_triton") & sp[[f"x_dense_{t}" for t in TIMES]].notna().any(axis=1)]
-    for (scale, gpu, dtype), g in sp.groupby(["scale", "gpu", "dtype"], sort=True):
-        figs = _save(_speedup_vs_length(g, f"block_sparse_triton on {gpu} {dtype} ({scale})"),
-                     figdir, _slug("kernels", scale, gpu, dtype, "speedup_vs_L"))
+    sp = sp[sp.kernel.str.startswith("block_sparse") & sp[[f"x_dense_{t}" for t in TIMES]].notna().any(axis=1)]
+    for (scale, gpu, dtype, kern), g in sp.groupby(["scale", "gpu", "dtype", "kernel"], sort=True):
+        figs = _save(_speedup_vs_length(g, f"{kern} on {gpu} {dtype} ({scale})"),
+                     figdir, _slug("kernels", scale, gpu, dtype, kern, "speedup_vs_L"))
         written += figs
         md.append(_links(figs))
     if sp.empty:
-        md.append("(no block_sparse_triton rows with a measured dense baseline)\n")
+        md.append("(no block-sparse kernel rows with a measured dense baseline)\n")
     mem = df[df.memory_check]
     if len(mem):
         md.append("## Long-sequence memory check (block_sparse_triton fwd+bwd)\n")

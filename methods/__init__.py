@@ -1,2 +1,4 @@
 """Methods register themselves on import; add one import line per new method module."""
 from methods import dense  # noqa: F401
+from methods import spion  # noqa: F401
+from methods import fixed_patterns  # noqa: F401

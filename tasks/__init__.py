@@ -5,6 +5,11 @@ import importlib
 _TASK_MODULES = [
     "tasks.kernel_sweep",
     "tasks.lra.listops",
+    "tasks.lm.wikitext",
+    "tasks.glue.tasks",
+    "tasks.mt.multi30k",
+    "tasks.summarization.qmsum",
+    "tasks.summarization.pubmed",
 ]
 for _m in _TASK_MODULES:
     importlib.import_module(_m)

@@ -129,7 +129,7 @@ def test_kernel_report(rendered):
     # fwd 0.15 ms: 0.6 / 0.15 = 4x over cuDNN; flex same layout 0.2 / 0.15 = 1.33x
     assert cells[3:9] == ["0.150", "0.600", "4.00×", "3.67×", "1.33×", "1.33×"]
     assert "L=65536" not in md.split("## Long-sequence memory check")[0]  # memory point kept out of the timings
-    assert _cells(md, "paper")[2:] == ["65536", "64", "16", "0.05", "70.0", "64.0"]
+    assert _cells(md, "paper")[2:] == ["65536", "64", "16", "0.05", "70.00", "64.00"]
     assert "0123456789-dirty" in md
     readme = _read(tmp, "r1", "README.md")
     assert "[lra.md](lra.md)" in readme and "(no records)" in readme  # e.g. glue has none
@@ -140,7 +140,7 @@ def test_figures_exist(rendered):
     figs = tmp / "r1" / "figures"
     for stem in ["lra_small_quality", "lra_small_step_time",
                  "kernels_paper_nvidia-h100-80gb-hbm3_bf16_l4096_d64_b1_h16_time_vs_density",
-                 "kernels_paper_nvidia-h100-80gb-hbm3_bf16_speedup_vs_l"]:
+                 "kernels_paper_nvidia-h100-80gb-hbm3_bf16_block_sparse_triton_speedup_vs_l"]:
         for ext in ("png", "svg"):
             p = figs / f"{stem}.{ext}"
             assert p in first and p.stat().st_size > 1000

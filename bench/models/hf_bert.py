@@ -146,10 +146,12 @@ def load_bert_encoder(pretrained: str, scratch: BertScratchConfig | None = None,
             max_position_embeddings=max(scratch.max_len, 8), hidden_dropout_prob=scratch.dropout,
             attention_probs_dropout_prob=0.0,
         )
-        return AutoModel.from_config(cfg, add_pooling_layer=False, attn_implementation="eager")
+        with quiet_transformers():
+            return AutoModel.from_config(cfg, add_pooling_layer=False, attn_implementation="eager")
     path = resolve_pretrained(pretrained)
     try:
-        return AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
+        with quiet_transformers():
+            return AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
     except (OSError, ValueError) as e:
         raise BenchError(f"cannot load pretrained model {pretrained!r} ({path}): {e}") from None
 
@@ -177,3 +179,40 @@ class HFBertClassifier(nn.Module):
             m = attention_mask[..., None].to(h.dtype)
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         return self.head(self.drop(pooled))
+
+
+# ---- causal LMs (OPT, GPT-2, ...) --------------------------------------------------------------------------
+class HFCausalLM(nn.Module):
+    """An HF ``AutoModelForCausalLM`` with method attention; ``forward(tokens, key_padding_mask=None) -> logits``."""
+
+    def __init__(self, pretrained: str, method, max_len: int):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        path = resolve_pretrained(pretrained)
+        try:
+            with quiet_transformers():
+                self.lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+        except (OSError, ValueError) as e:
+            raise BenchError(f"cannot load causal LM {pretrained!r}: {e}; pass a local directory or a reachable "
+                             f"hub id as model.pretrained") from None
+        install_method_attention(self.lm, method, causal=True, max_len=max_len)
+
+    def forward(self, tokens: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        am = None if key_padding_mask is None else key_padding_mask.long()
+        return self.lm(input_ids=tokens, attention_mask=am, use_cache=False).logits
+
+
+class quiet_transformers:
+    """Context manager: transformers' logging at ERROR level (load reports, unused-weight notes)."""
+
+    def __enter__(self):
+        from transformers.utils import logging
+
+        self._old = logging.get_verbosity()
+        logging.set_verbosity_error()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging
+
+        logging.set_verbosity(self._old)

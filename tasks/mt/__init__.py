@@ -44,6 +44,7 @@ class Seq2SeqDataConfig:
     max_len_b: int = 10
     min_len: int = 0
     bucket_factor: int = 50  # train batches are drawn from pools of bucket_factor * batch_size sorted by length
+    src_pad_multiple: int = 0  # pad source batches to a multiple of this length (block-sparse layouts); 0 = off
 
 
 def _bpe_key(texts: list[str], vocab_size: int, min_frequency: int, specials: tuple[str, ...]) -> str:
@@ -88,8 +89,10 @@ def encode_texts(tokenizer, texts: list[str], max_len: int, append_eos: bool) ->
     return out
 
 
-def pad_batch(seqs: list[list[int]], pad: int = PAD) -> torch.Tensor:
+def pad_batch(seqs: list[list[int]], pad: int = PAD, multiple: int = 0) -> torch.Tensor:
     L = max(1, max(len(s) for s in seqs))
+    if multiple > 1:
+        L = -(-L // multiple) * multiple
     out = torch.full((len(seqs), L), pad, dtype=torch.long)
     for i, s in enumerate(seqs):
         if s:
@@ -160,7 +163,7 @@ class Seq2SeqTask(Task):
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def _collate(self, split: Seq2SeqSplit, idx: list[int]) -> dict:
-        src = pad_batch([split.src_ids[i] for i in idx])
+        src = pad_batch([split.src_ids[i] for i in idx], multiple=self.cfg.data.src_pad_multiple)
         tgt_in = pad_batch([[BOS] + split.tgt_ids[i] for i in idx])
         tgt_out = pad_batch([split.tgt_ids[i] + [EOS] for i in idx])
         return {"src": src, "src_mask": src != PAD, "tgt_in": tgt_in, "tgt_out": tgt_out,
@@ -210,7 +213,7 @@ class Seq2SeqTask(Task):
         out: dict[int, str] = {}
         for p in range(0, len(order), bs):
             idx = order[p : p + bs]
-            src = pad_batch([split.src_ids[i] for i in idx]).to(device)
+            src = pad_batch([split.src_ids[i] for i in idx], multiple=d.src_pad_multiple).to(device)
             mask = src != PAD
             src_len = int(mask.sum(1).max())
             max_len = max(1, min(self.cfg.model.max_tgt_len - 1, int(d.max_len_a * src_len + d.max_len_b))) + 1

@@ -1,0 +1,1 @@
+"""Language-modelling tasks (suite ``lm``): WikiText-2 perplexity."""
