@@ -234,6 +234,8 @@ def _main(args) -> int:
         return 0
     if not plan:
         raise BenchError("no runs left: every selected task was skipped (see the reasons above)")
+    for stale in args.out.rglob(".*.tmp") if args.out.is_dir() else []:
+        stale.unlink()  # debris of a write killed mid-way (the target file itself is never half-written)
     progress = not args.no_progress and sys.stderr.isatty()
     from tqdm.auto import tqdm
 

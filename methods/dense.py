@@ -34,12 +34,17 @@ def eager_attention(q, k, v, key_padding_mask=None, causal=False, sm_scale=None)
     return torch.matmul(p.to(v.dtype), v)
 
 
+_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
 @dataclass(frozen=True)
 class SDPAConfig:
     backend: str = "auto"  # auto | cudnn | flash | efficient | math
 
+    def __post_init__(self):
+        if self.backend != "auto" and self.backend not in _BACKENDS:
+            raise BenchError(f"dense: unknown SDPA backend {self.backend!r}; valid: auto, {', '.join(_BACKENDS)}")
 
-_BACKENDS = {"cudnn": "CUDNN_ATTENTION", "flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 class SDPACore(AttentionCore):
@@ -106,6 +111,10 @@ class Dense(Method):
 @dataclass(frozen=True)
 class FlexConfig:
     compile: str = "auto"  # auto (compile on CUDA) | on | off
+
+    def __post_init__(self):
+        if self.compile not in ("auto", "on", "off"):
+            raise BenchError(f"flex: compile={self.compile!r}; valid: auto, on, off")
 
 
 class FlexCore(AttentionCore):

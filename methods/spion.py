@@ -326,7 +326,7 @@ class _Spion(Method):
             self._check(trainer, step)
 
     def on_eval(self, trainer, step: int, dev_metrics: dict) -> None:
-        main = getattr(trainer.task, "MAIN_METRIC", "")
+        main = getattr(self.task or trainer.task, "MAIN_METRIC", "")
         self.eval_phases.append({"step": step + 1, "phase": "sparse" if self.transition_step is not None else "dense",
                                  "dev": dev_metrics.get(main)})
         if self.transition_step is None and self._is_check_step(step):
@@ -379,7 +379,7 @@ class _Spion(Method):
             "tested_with": "sparse" if self.transition_step is not None else "dense",
             "eval_phases": self.eval_phases,
         }
-        best = _best_eval(self.eval_phases, self.task)
+        best = _best_eval(self.eval_phases, self.task)  # the Trainer's pick and the phase its dev eval ran in
         if best is not None:
             out["best_checkpoint_eval_phase"] = best["phase"]
         if layouts and nb is not None and nb <= 64:

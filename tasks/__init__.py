@@ -5,6 +5,10 @@ import importlib
 _TASK_MODULES = [
     "tasks.kernel_sweep",
     "tasks.lra.listops",
+    "tasks.lra.text",
+    "tasks.lra.image",
+    "tasks.lra.pathfinder",
+    "tasks.lra.retrieval",
     "tasks.lm.wikitext",
     "tasks.glue.tasks",
     "tasks.mt.multi30k",

@@ -275,7 +275,7 @@ class WikiText2(Task):
     @torch.no_grad()
     def evaluate(self, model, split: str, max_batches: int = 0) -> dict[str, float]:
         device = next(model.parameters()).device
-        nll, n = 0.0, 0
+        nll, n, n_seq = 0.0, 0, 0
         for i, batch in enumerate(self.eval_batches(split)):
             if max_batches and i >= max_batches:
                 break
@@ -284,7 +284,8 @@ class WikiText2(Task):
             nll += F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE,
                                    reduction="none").double().sum().item()  # fp64 accumulation
             n += int((batch["labels"] != IGNORE).sum())
-        return perplexity_metrics(nll, n, len(self.ids[split]), self.n_words[split])
+            n_seq += batch["tokens"].shape[0]
+        return {**perplexity_metrics(nll, n, len(self.ids[split]), self.n_words[split]), "n_examples": n_seq}
 
 
 def perplexity_metrics(nll_sum: float, n_scored: int, n_tokens: int, n_words: int) -> dict[str, float]:

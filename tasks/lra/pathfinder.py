@@ -32,8 +32,9 @@ Preprocessing
 Splits
     LRA splits each difficulty 80/10/10 (train[:80%], val[80%:90%], test[90%:]) of 200 000 images:
     160 000 / 20 000 / 20 000, our generator default too (each split from its own seeded stream, so caps
-    take prefixes; generated in parallel processes; every image has its own ``SeedSequence([seed, split, index])``, so the result is
-    independent of the number of workers and a capped split is a prefix of the full one).
+    take prefixes). Generated in chunks of ``CHUNK`` images, vectorised over the chunk, each chunk seeded by
+    ``SeedSequence([seed, split, chunk])`` and run in parallel processes, so the result is independent of the
+    number of workers and a capped split is a prefix of the full one.
 
 Config lineage
     ``paper`` = SPION §4.1: 2 layers, d 64, FFN 128, 2 heads, MEAN pooling, L 1024, vocab 512 (as SPION's
@@ -63,7 +64,7 @@ from tasks.lra.common import LRAClassificationTask, LRASplit
 
 FOLDER = "lra_pathfinder"
 SUBDIR = Path("pathfinder32") / "curv_contour_length_14"
-CHUNK = 500  # images per parallel job (seeding is per image)
+CHUNK = 250  # images per chunk: the unit of seeding, batching and parallelism
 _SPLIT_INDEX = {"train": 0, "dev": 1, "test": 2}
 GEN_DEFAULT_SIZES = {"train": 160000, "dev": 20000, "test": 20000}
 _CACHE_VERSION = 1
@@ -79,7 +80,6 @@ MARKER_RADIUS = 1.5
 SEED_DISTANCE = 7.0
 MIN_SEP = 1.5  # min distance between paddles of different snakes (and non-adjacent paddles of one snake)
 PADDLE_INTENSITY = 0.75
-TURN_DEG_PER_CONTINUITY = 30.0
 
 
 @dataclass(frozen=True)
@@ -93,103 +93,135 @@ class PathfinderDataConfig:
     contour_length: int = 14  # paddles per target snake
     distractor_length: int = 4  # contour_length // 3
     num_distractor_snakes: int = 5  # 20 // distractor_length
-    continuity: float = 1.0  # max turn per paddle = continuity * 30 degrees
+    continuity: float = 1.0  # turn weight cos(min(continuity*|turn|, pi/2))**2, as snakes2
 
 
 # ---- geometry --------------------------------------------------------------------------------
-def _seg_dist(p: np.ndarray, q: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
-    """Distances between segment pq and each segment A[i]B[i] ((n, 2) arrays)."""
-    if len(A) == 0:
-        return np.zeros(0)
+def _pt_seg(P: np.ndarray, S0: np.ndarray, S1: np.ndarray) -> np.ndarray:
+    """Distance from points P to segments S0-S1 (broadcasting over leading dims; last dim 2)."""
+    d = S1 - S0
+    t = np.clip(((P - S0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0.0, 1.0)
+    e = S0 + t[..., None] * d - P
+    return np.sqrt((e * e).sum(-1))
 
-    def pt_seg(P, S0, S1):
-        d = S1 - S0
-        t = np.clip(((P - S0) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0.0, 1.0)
-        return np.hypot(*(S0 + t[..., None] * d - P).T)
 
-    d = np.minimum.reduce([
-        pt_seg(p[None], A, B), pt_seg(q[None], A, B),
-        pt_seg(A, p[None], q[None]), pt_seg(B, p[None], q[None]),
-    ])
+def _orient(a, b, c):
+    return (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
 
-    def orient(a, b, c):
-        return (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1]) - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
 
-    o1, o2 = orient(p[None], q[None], A), orient(p[None], q[None], B)
-    o3, o4 = orient(A, B, p[None]), orient(A, B, q[None])
-    crossing = (o1 * o2 < 0) & (o3 * o4 < 0)
+def seg_seg_dist(P: np.ndarray, Q: np.ndarray, A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Distances between segments P[..., k, :]Q[..., k, :] and A[..., i, :]B[..., i, :] -> (..., K, m);
+    0 where they cross. Leading (batch) dims broadcast."""
+    P, Q, A, B = P[..., :, None, :], Q[..., :, None, :], A[..., None, :, :], B[..., None, :, :]
+    d = np.minimum(np.minimum(_pt_seg(P, A, B), _pt_seg(Q, A, B)), np.minimum(_pt_seg(A, P, Q), _pt_seg(B, P, Q)))
+    crossing = (_orient(P, Q, A) * _orient(P, Q, B) < 0) & (_orient(A, B, P) * _orient(A, B, Q) < 0)
     return np.where(crossing, 0.0, d)
 
 
-def _grow_snake(rng: np.random.Generator, n: int, others: np.ndarray, max_turn: float, tries: int = 6):
-    """Place ``n`` paddles as one snake avoiding ``others`` ((m, 2, 2) segments); (n, 2, 2) or None."""
-    lo, hi = PADDING + HALF_WIDTH, WINDOW - PADDING - HALF_WIDTH
-    p = rng.uniform(lo, hi, 2)
-    theta = rng.uniform(0, 2 * math.pi)
-    segs: list[np.ndarray] = []
-    for k in range(n):
-        placed = False
-        for _ in range(tries):
-            th = theta if k == 0 else theta + rng.uniform(-max_turn, max_turn)
-    
-            u = np.array([math.cos(th), math.sin(th)])
-            q = p + PADDLE_LENGTH * u
-            if not (lo <= q[0] <= hi and lo <= q[1] <= hi and lo <= p[0] <= hi and lo <= p[1] <= hi):
-                continue
-            if len(others) and _seg_dist(p, q, others[:, 0], others[:, 1]).min() < MIN_SEP:
-                continue
-            if len(segs) > 1:
-                own = np.asarray(segs[:-1])
-                if _seg_dist(p, q, own[:, 0], own[:, 1]).min() < MIN_SEP:
-                    continue
-            placed = True
+_N_DIR = 36  # candidate directions per paddle (snakes2: one per pixel of arc, ~20 at this step length)
+_TURNS = np.linspace(-math.pi, math.pi, _N_DIR, endpoint=False)
+_LO, _HI = PADDING + HALF_WIDTH, WINDOW - PADDING - HALF_WIDTH
+
+
+def _inside(X: np.ndarray) -> np.ndarray:
+    return ((X >= _LO) & (X <= _HI)).all(-1)
+
+
+def _grow_batch(rng: np.random.Generator, others: np.ndarray, n: int, continuity: float, seed_tries: int = 8):
+    """Grow one snake of ``n`` paddles in each of b images, avoiding ``others`` ((b, S, 2, 2)).
+
+    As snakes2: the first paddle has a uniform position and orientation; each next paddle starts ``GAP``
+    after the previous one's end, its direction drawn among ``_N_DIR`` candidates with weight
+    ``cos(min(continuity * |turn|, pi/2))**2``; candidates leaving the window or coming closer than
+    ``MIN_SEP`` to another snake (or to a non-adjacent paddle of this snake) get weight 0. A snake with no
+    valid candidate fails. Returns (segments (b, n, 2, 2), ok (b,))."""
+    b = len(others)
+    oA, oB = others[:, :, 0], others[:, :, 1]
+    segs = np.zeros((b, n, 2, 2))
+    th = np.zeros(b)
+    ok = np.zeros(b, dtype=bool)
+    pending = np.arange(b)
+    for _ in range(seed_tries):
+        if not len(pending):
             break
-        if not placed:
-            return None
-        segs.append(np.stack([p, q]))
-        theta = th
-        p = q + GAP * u
-    return np.asarray(segs)
+        p = rng.uniform(_LO, _HI, (len(pending), 2))
+        t = rng.uniform(-math.pi, math.pi, len(pending))
+        q = p + PADDLE_LENGTH * np.stack([np.cos(t), np.sin(t)], -1)
+        valid = _inside(q)
+        if others.shape[1]:
+            valid &= seg_seg_dist(p[:, None], q[:, None], oA[pending], oB[pending]).min((1, 2)) >= MIN_SEP
+        take = pending[valid]
+        segs[take, 0, 0], segs[take, 0, 1], th[take], ok[take] = p[valid], q[valid], t[valid], True
+        pending = pending[~valid]
+    w0 = np.cos(np.minimum(continuity * np.abs(_TURNS), math.pi / 2)) ** 2
+    for j in range(1, n):
+        idx = np.nonzero(ok)[0]
+        if not len(idx):
+            break
+        dirs = th[idx, None] + _TURNS[None]
+        u = np.stack([np.cos(dirs), np.sin(dirs)], -1)  # (a, K, 2)
+        P = segs[idx, j - 1, 1][:, None] + GAP * u
+        Q = P + PADDLE_LENGTH * u
+        w = (w0[None] > 0) & _inside(P) & _inside(Q)
+        if others.shape[1]:
+            w &= seg_seg_dist(P, Q, oA[idx], oB[idx]).min(-1) >= MIN_SEP
+        if j > 1:
+            w &= seg_seg_dist(P, Q, segs[idx, : j - 1, 0], segs[idx, : j - 1, 1]).min(-1) >= MIN_SEP
+        w = w * w0[None]
+        tot = w.sum(1)
+        dead = tot <= 0
+        cum = np.cumsum(w, 1) / np.maximum(tot, 1e-12)[:, None]
+        k = np.minimum((cum < rng.random(len(idx))[:, None]).sum(1), _N_DIR - 1)
+        r = np.arange(len(idx))
+        segs[idx, j, 0], segs[idx, j, 1], th[idx] = P[r, k], Q[r, k], dirs[r, k]
+        ok[idx[dead]] = False
+    return segs, ok
 
 
-def _one_image(rng: np.random.Generator, label: int, cfg: tuple, max_attempts: int = 200):
-    """Geometry of one image: (segments (m,2,2), snake id per segment, markers (2,2), marker snake ids)."""
+def _generate_batch(rng: np.random.Generator, labels: np.ndarray, cfg: tuple, max_rounds: int = 50):
+    """Geometry of len(labels) images: segments (b, S, 2, 2) (S = 2 targets + distractors), snake id per
+    segment (S,), markers (b, 2, 2), the snake id each marker sits on (b, 2)."""
     contour_length, distractor_length, n_distractors, continuity = cfg
-    max_turn = math.radians(TURN_DEG_PER_CONTINUITY * continuity)
-    empty = np.zeros((0, 2, 2))
-    for _ in range(max_attempts):
-        a = _grow_snake(rng, contour_length, empty, max_turn)
-        if a is None:
-            continue
-        b = _grow_snake(rng, contour_length, a, max_turn)
-        if b is None:
-            continue
-        ends_a = (a[0, 0], a[-1, 1])
-        ends_b = (b[0, 0], b[-1, 1])
-        if label == 1:
-            m0, m1 = ends_a
-            ids = (0, 0)
-        else:
-            m0, m1 = ends_a[rng.integers(2)], ends_b[rng.integers(2)]
-            ids = (0, 1)
-        if np.hypot(*(m0 - m1)) < SEED_DISTANCE:
-            continue
-        segs, sid = [a, b], [np.zeros(len(a), int), np.ones(len(b), int)]
-        allseg = np.concatenate(segs)
-        for j in range(n_distractors):
-            d = None
-            for _ in range(20):
-                d = _grow_snake(rng, distractor_length, allseg, max_turn)
-                if d is not None:
+    b = len(labels)
+    S = 2 * contour_length + n_distractors * distractor_length
+    segs = np.zeros((b, S, 2, 2))
+    markers = np.zeros((b, 2, 2))
+    todo = np.arange(b)
+    for _ in range(max_rounds):
+        if not len(todo):
+            break
+        a, ok = _grow_batch(rng, np.zeros((len(todo), 0, 2, 2)), contour_length, continuity)
+        bb, ok_b = _grow_batch(rng, a, contour_length, continuity)
+        ok &= ok_b
+        ends_a = np.stack([a[:, 0, 0], a[:, -1, 1]], 1)  # (t, 2 ends, 2)
+        ends_b = np.stack([bb[:, 0, 0], bb[:, -1, 1]], 1)
+        r = np.arange(len(todo))
+        pos = labels[todo] == 1
+        ea, eb = rng.integers(0, 2, len(todo)), rng.integers(0, 2, len(todo))
+        m0 = np.where(pos[:, None], ends_a[:, 0], ends_a[r, ea])
+        m1 = np.where(pos[:, None], ends_a[:, 1], ends_b[r, eb])
+        ok &= np.hypot(*(m0 - m1).T) >= SEED_DISTANCE
+        cur = np.concatenate([a, bb], 1)
+        for _d in range(n_distractors):
+            got = np.zeros((len(todo), distractor_length, 2, 2))
+            have = np.zeros(len(todo), dtype=bool)
+            for _try in range(20):
+                need = np.nonzero(ok & ~have)[0]
+                if not len(need):
                     break
-            if d is None:
-                break
-            segs.append(d)
-            sid.append(np.full(len(d), 2 + j))
-            allseg = np.concatenate(segs)
-        else:
-            return allseg, np.concatenate(sid), np.stack([m0, m1]), np.array(ids)
-    raise RuntimeError("pathfinder: could not place the snakes; parameters too crowded")
+                g, gok = _grow_batch(rng, cur[need], distractor_length, continuity)
+                got[need[gok]], have[need[gok]] = g[gok], True
+            ok &= have
+            cur = np.concatenate([cur, got], 1)
+        done = todo[ok]
+        segs[done], markers[done] = cur[ok], np.stack([m0, m1], 1)[ok]
+        todo = todo[~ok]
+    if len(todo):
+        raise RuntimeError("pathfinder: could not place the snakes; parameters too crowded")
+    sid = np.concatenate([np.zeros(contour_length, int), np.ones(contour_length, int),
+                          np.repeat(np.arange(n_distractors) + 2, distractor_length)])
+    mids = np.stack([np.zeros(b, int), np.where(labels == 1, 0, 1)], 1)
+    return segs, sid, markers, mids
 
 
 _SUB = (np.arange(WINDOW * AA) + 0.5) / AA
@@ -198,32 +230,23 @@ _GRID = np.stack(np.meshgrid(_SUB, _SUB, indexing="xy"), -1).reshape(-1, 2)  # (
 
 def render(segs: np.ndarray, markers: np.ndarray) -> np.ndarray:
     """(m,2,2) segments + (2,2) marker centres -> uint8 (32, 32), 2x2 supersampled coverage."""
-    P = _GRID[:, None, :]
-    A, B = segs[None, :, 0], segs[None, :, 1]
-    d = B - A
-    t = np.clip(((P - A) * d).sum(-1) / np.maximum((d * d).sum(-1), 1e-12), 0, 1)
-    dist = np.linalg.norm(A + t[..., None] * d - P, axis=-1).min(1)
+    dist = _pt_seg(_GRID[:, None, :], segs[None, :, 0], segs[None, :, 1]).min(1)
     paddle = np.clip((HALF_WIDTH - dist) * AA + 0.5, 0, 1) * PADDLE_INTENSITY
-    mdist = np.linalg.norm(_GRID[:, None, :] - markers[None], axis=-1).min(1)
+    mdist = np.sqrt(((_GRID[:, None, :] - markers[None]) ** 2).sum(-1)).min(1)
     marker = np.clip((MARKER_RADIUS - mdist) * AA + 0.5, 0, 1)
     sub = np.maximum(paddle, marker).reshape(WINDOW * AA, WINDOW * AA)
     img = sub.reshape(WINDOW, AA, WINDOW, AA).mean((1, 3))
     return np.round(img * 255).astype(np.uint8)
 
 
-def _gen_range(args: tuple):
-    """Images ``start..stop-1`` of a split's stream; image i uses its own ``SeedSequence([seed, split, i])``."""
-    seed, split_idx, start, stop, cfg, with_geometry = args
-    imgs = np.zeros((stop - start, WINDOW * WINDOW), dtype=np.uint8)
-    labels = np.zeros(stop - start, dtype=np.int64)
-    geoms = []
-    for k, i in enumerate(range(start, stop)):
-        rng = np.random.default_rng(np.random.SeedSequence([seed, split_idx, i]))
-        labels[k] = rng.integers(0, 2)
-        segs, sid, markers, mids = _one_image(rng, int(labels[k]), cfg)
-        imgs[k] = render(segs, markers).reshape(-1)
-        if with_geometry:
-            geoms.append((segs, sid, markers, mids))
+def _gen_chunk(args: tuple):
+    """CHUNK images of chunk ``chunk`` of a split's stream (``SeedSequence([seed, split, chunk])``)."""
+    seed, split_idx, chunk, cfg, with_geometry = args
+    rng = np.random.default_rng(np.random.SeedSequence([seed, split_idx, chunk]))
+    labels = rng.integers(0, 2, CHUNK).astype(np.int64)
+    segs, sid, markers, mids = _generate_batch(rng, labels, cfg)
+    imgs = np.stack([render(segs[i], markers[i]).reshape(-1) for i in range(CHUNK)])
+    geoms = [(segs[i], sid, markers[i], mids[i]) for i in range(CHUNK)] if with_geometry else []
     return imgs, labels, geoms
 
 
@@ -243,15 +266,186 @@ def generate_pathfinder(n: int, split: str = "train", seed: int = 0, contour_len
     markers (2,2), the snake id each marker sits on). Deterministic in the arguments, independent of
     ``workers``; a smaller ``n`` gives a prefix."""
     cfg = (contour_length, distractor_length, num_distractor_snakes, continuity)
-    jobs = [(seed, _SPLIT_INDEX[split], a, min(a + CHUNK, n), cfg, with_geometry) for a in range(0, n, CHUNK)]
+    jobs = [(seed, _SPLIT_INDEX[split], c, cfg, with_geometry) for c in range(-(-n // CHUNK))]
     workers = min(_n_workers() if workers is None else workers, len(jobs))
     if workers <= 1:
-        parts = [_gen_range(j) for j in jobs]
+        parts = [_gen_chunk(j) for j in jobs]
     else:
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as ex:
-            parts = list(ex.map(_gen_range, jobs))
-    imgs = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, WINDOW * WINDOW), np.uint8)
-    labels = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-    geoms = [g for p in parts for g in p[2]] if with_geometry else None
+            parts = list(ex.map(_gen_chunk, jobs))
+    imgs = np.concatenate([p[0] for p in parts])[:n] if parts else np.zeros((0, WINDOW * WINDOW), np.uint8)
+    labels = np.concatenate([p[1] for p in parts])[:n] if parts else np.zeros(0, np.int64)
+    geoms = [g for p in parts for g in p[2]][:n] if with_geometry else None
     return imgs, labels, geoms
+
+
+# ---- the LRA release files -------------------------------------------------------------------
+def _files_root(data_dir: Path | None) -> Path | None:
+    if data_dir is None:
+        return None
+    root = Path(data_dir) / FOLDER / SUBDIR
+    return root if (root / "metadata").is_dir() else None
+
+
+def read_release(root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """All images of an LRA-release difficulty folder, in metadata order (files sorted numerically)."""
+    from PIL import Image
+
+    meta_dir = root / "metadata"
+    files = sorted(meta_dir.glob("*.npy"), key=lambda p: (int(p.stem) if p.stem.isdigit() else 1 << 60, p.name))
+    if not files:
+        raise DataUnavailable(f"{meta_dir}: no *.npy metadata files; expected the LRA release pathfinder32 layout")
+    rows: list[tuple[str, int]] = []
+    for f in files:
+        try:
+            try:
+                meta = np.load(f, allow_pickle=False)
+            except ValueError:  # object arrays
+                meta = np.load(f, allow_pickle=True)
+        except Exception as e:
+            raise DataUnavailable(f"{f}: not a readable .npy ({type(e).__name__}); expected rows "
+                                  "[imgs/<batch>, sample_<i>.png, i, label, ...]") from None
+        meta = np.asarray(meta)
+        if meta.ndim != 2 or meta.shape[1] < 4:
+            raise DataUnavailable(f"{f}: metadata has shape {meta.shape}; expected rows [imgs/<batch>, sample_<i>.png, i, label, ...]")
+        for r, row in enumerate(meta):
+            try:
+                label = int(float(row[3]))
+            except ValueError:
+                label = -1
+            if label not in (0, 1):
+                raise DataUnavailable(f"{f} row {r}: expected label 0 or 1 in column 4, got {str(row[3])[:20]!r}")
+            rows.append((f"{row[0]}/{row[1]}", label))
+    imgs = np.zeros((len(rows), WINDOW * WINDOW), dtype=np.uint8)
+    for i, (rel, _) in enumerate(rows):
+        p = root / rel
+        try:
+            with Image.open(p) as im:
+                arr = np.asarray(im.convert("L"))
+        except Exception as e:
+            raise DataUnavailable(f"{p}: not a readable image ({type(e).__name__}); expected a 32x32 grayscale PNG") from None
+        if arr.shape != (WINDOW, WINDOW):
+            raise DataUnavailable(f"{p}: image is {arr.shape[1]}x{arr.shape[0]}; expected 32x32")
+        imgs[i] = arr.reshape(-1)
+    return imgs, np.array([lab for _, lab in rows], dtype=np.int64)
+
+
+def _release_split(n: int, split: str) -> slice:
+    """LRA: train[:80%], val[80%:90%], test[90%:] (TFDS percent slicing rounds to whole examples)."""
+    a, b = int(round(n * 0.8)), int(round(n * 0.9))
+    return {"train": slice(0, a), "dev": slice(a, b), "test": slice(b, n)}[split]
+
+
+# ---- presets ---------------------------------------------------------------------------------
+PAPER_MODEL = LRAModelConfig(
+    vocab_size=512, n_classes=2, max_len=1024, n_layers=2, d_model=64, d_qkv=64, n_heads=2, d_ff=128,
+    dropout=0.1, pooling="mean", attention_padding_mask=False,
+)
+PAPER_TRAIN = TrainConfig(
+    steps=50000, batch_size=256, lr=3e-4, warmup_steps=312, schedule="onecycle", weight_decay=0.0,
+    adam_betas=(0.9, 0.999), adam_eps=1e-6, grad_clip=1.0, grad_clip_mode="value", eval_every=500, eval_batches=156,
+)
+# Original LRA release config (lra_benchmarks/image/configs/pathfinder32/base_pathfinder32_config.py).
+LRA_ORIGINAL = (
+    LRAModelConfig(vocab_size=256, n_classes=2, max_len=1024, n_layers=4, d_model=32, d_qkv=16, n_heads=4,
+                   d_ff=32, dropout=0.2, pooling="mean", attention_padding_mask=False),
+    PathfinderDataConfig(),
+    TrainConfig(steps=62400, batch_size=512, lr=1e-3, warmup_steps=312, schedule="cosine", weight_decay=0.0,
+                adam_betas=(0.9, 0.98), adam_eps=1e-9, grad_clip=0.0, eval_every=312, eval_batches=0),
+)
+
+
+@register_task("lra_pathfinder", suite="lra")
+class Pathfinder(LRAClassificationTask):
+    ModelConfig = LRAModelConfig
+    DataConfig = PathfinderDataConfig
+    REFERENCE = {"LRA paper Transformer": 71.40, "Skyformer self-attn": 65.26, "Nystromformer standard": 74.16}
+
+    @classmethod
+    def presets(cls, scale: str):
+        if scale == "paper":
+            return PAPER_MODEL, PathfinderDataConfig(), PAPER_TRAIN, ()
+        if scale == "small":
+            train = replace(PAPER_TRAIN, steps=2000, batch_size=128, warmup_steps=100, eval_every=250, eval_batches=20)
+            data = PathfinderDataConfig(n_train=20000, n_dev=2000, n_test=5000)
+            notes = ("reduced budget: 2000 of 50000 steps at batch 128 (paper 256); 20000 of 160000 generated train "
+                     "images, 2000 dev, 5000 test",)
+            return PAPER_MODEL, data, train, notes
+        if scale == "tiny":
+            model = replace(PAPER_MODEL, vocab_size=256, n_layers=1, d_model=32, d_qkv=32, d_ff=64)
+            data = PathfinderDataConfig(n_train=1000, n_dev=200, n_test=200)
+            train = replace(PAPER_TRAIN, steps=60, batch_size=16, lr=1e-3, warmup_steps=6, eval_every=30, eval_batches=0)
+            notes = ("smoke-test budget: 1000 train / 200 dev / 200 test generated images, 1 layer d_model 32, "
+                     "60 steps at batch 16; accuracy is not meaningful",)
+            return model, data, train, notes
+        raise ValueError(f"unknown scale {scale!r}")
+
+    @classmethod
+    def data_available(cls, data_dir, scale):
+        _, data, _, _ = cls.presets(scale)
+        if data.source == "files" and _files_root(data_dir) is None:
+            return f"Pathfinder files not found: pass --data-dir with {FOLDER}/{SUBDIR.as_posix()}/metadata/*.npy + imgs/"
+        return None
+
+    def _use_files(self) -> bool:
+        d = self.cfg.data
+        if d.source not in ("auto", "generate", "files"):
+            raise DataUnavailable(f"lra_pathfinder: data.source={d.source!r}; expected auto, generate or files")
+        if d.source == "generate":
+            return False
+        root = _files_root(self.data_dir)
+        if d.source == "files" and root is None:
+            where = Path(self.data_dir) / FOLDER / SUBDIR / "metadata" if self.data_dir else f"--data-dir …/{FOLDER}"
+            raise DataUnavailable(f"{where}: not found; expected the LRA release layout "
+                                  f"{SUBDIR.as_posix()}/metadata/*.npy + imgs/<batch>/sample_<i>.png")
+        return root is not None
+
+    def prepare(self) -> None:
+        d = self.cfg.data
+        caps = {"train": d.n_train, "dev": d.n_dev, "test": d.n_test}
+        if self._use_files():
+            root = _files_root(self.data_dir)
+            files = sorted((root / "metadata").glob("*.npy"))
+            key = {"v": _CACHE_VERSION, "root": str(root.resolve()),
+                   "meta": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+            cache = _bytes.cache_file("pathfinder", "release", key)
+            z = _bytes.load_npz(cache, key)
+            if z is None:
+                imgs, labels = read_release(root)
+                z = {"imgs": imgs, "labels": labels}
+                _bytes.save_npz(cache, key, **z)
+            n = len(z["labels"])
+            self.splits = {}
+            for split in self.SPLITS:
+                sl = _release_split(n, split)
+                x, y = z["imgs"][sl], z["labels"][sl]
+                k = _bytes.cap(len(y), caps[split])
+                self.splits[split] = LRASplit(x[:k], y[:k])
+            self.data_notes = ()
+        else:
+            self.splits = {s: self._generated(s, caps[s] or GEN_DEFAULT_SIZES[s]) for s in self.SPLITS}
+            # Data provenance for the record (the Trainer may append ``task.data_notes`` to the budget note).
+            self.data_notes = ("Pathfinder generated by sparsebench's numpy re-implementation of pathfinder32 "
+                               "curv_contour_length_14 (statistically similar task, not the LRA release images)",)
+
+    def _generated(self, split: str, n: int) -> LRASplit:
+        d = self.cfg.data
+        params = {"v": _CACHE_VERSION, "seed": d.data_seed, "split": split, "n": n, "chunk": CHUNK,
+                  "contour_length": d.contour_length, "distractor_length": d.distractor_length,
+                  "num_distractor_snakes": d.num_distractor_snakes, "continuity": d.continuity,
+                  "geometry": [WINDOW, PADDING, AA, PADDLE_LENGTH, HALF_WIDTH, GAP, MARKER_RADIUS, SEED_DISTANCE,
+                               MIN_SEP, PADDLE_INTENSITY]}
+        cache = _bytes.cache_file("pathfinder", split, params)
+        z = _bytes.load_npz(cache, params)
+        if z is None:
+            imgs, labels, _ = generate_pathfinder(n, split, d.data_seed, d.contour_length, d.distractor_length,
+                                                  d.num_distractor_snakes, d.continuity)
+            z = {"imgs": imgs, "labels": labels}
+            _bytes.save_npz(cache, params, **z)
+        return LRASplit(z["imgs"], z["labels"])
+
+    def load_split(self, split: str) -> LRASplit:
+        if not hasattr(self, "splits"):
+            self.prepare()
+        return self.splits[split]
