@@ -50,9 +50,7 @@ class SDPAConfig:
 class SDPACore(AttentionCore):
     def __init__(self, spec: AttentionSpec, backend: str):
         super().__init__(spec)
-        if backend != "auto" and backend not in _BACKENDS:
-            raise BenchError(f"dense: unknown SDPA backend {backend!r}; valid: auto, {', '.join(_BACKENDS)}")
-        self.backend = backend
+        self.backend = backend  # validated by SDPAConfig
 
     def _ctx(self):
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -64,20 +62,23 @@ class SDPACore(AttentionCore):
         return sdpa_kernel([getattr(SDPBackend, _BACKENDS[self.backend])])
 
     def forward(self, q, k, v, key_padding_mask=None):
-        causal = self.spec.causal
+        Lq, Lk = q.shape[2], k.shape[2]
+        causal = self.spec.causal and Lq > 1  # one new query (KV-cache decoding) sees every cached key
         if key_padding_mask is not None and bool(key_padding_mask.all()):
             key_padding_mask = None  # no padding in this batch: let every backend run maskless
         with self._ctx():
-            if key_padding_mask is None:
+            if key_padding_mask is None and (not causal or Lq == Lk):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            if self.backend == "flash" and q.shape[2] == k.shape[2] and not causal:
+            if self.backend == "flash" and Lq == Lk and not causal:
                 return _sdpa_jagged(q, k, v, key_padding_mask)
-            mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
-            if causal:
-                mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()[None, None]
+            # causal with Lq != Lk: queries are the last Lq positions (bottom-right aligned diagonal)
+            mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device)
+            mask = mask.tril(diagonal=Lk - Lq)[None, None] if causal else mask[None, None]
+            if key_padding_mask is not None:
+                mask = mask & key_padding_mask[:, None, None, :]  # (B, 1, Lq, Lk)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             # rows with no visible key come back NaN from some backends; they are padding queries
-            return out.nan_to_num(0.0) if not causal else out
+            return out.nan_to_num(0.0)
 
 
 def _sdpa_jagged(q, k, v, key_padding_mask):
@@ -141,15 +142,15 @@ class FlexCore(AttentionCore):
         flex, cbm = self._fns(q.device)
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
-        causal = self.spec.causal
+        causal = self.spec.causal and Lq > 1
         if key_padding_mask is not None and bool(key_padding_mask.all()):
             key_padding_mask = None
         if key_padding_mask is None and not causal:
             return flex(q, k, v)
-        kpm = key_padding_mask
+        kpm, offset = key_padding_mask, Lk - Lq  # causal diagonal aligned bottom-right
 
         def mask_mod(b, h, q_idx, kv_idx):
-            ok = kv_idx <= q_idx if causal else kv_idx >= 0
+            ok = kv_idx <= q_idx + offset if causal else kv_idx >= 0
             return ok & kpm[b, kv_idx] if kpm is not None else ok
 
         block_mask = cbm(mask_mod, B if kpm is not None else None, None, Lq, Lk, device=q.device)

@@ -1,0 +1,35 @@
+"""The dense baselines agree with the float64 textbook softmax, incl. padding and KV-cache causal shapes."""
+import pytest
+import torch
+
+from bench.method import AttentionSpec
+from methods.dense import Dense, Eager, FlexConfig, FlexCore, SDPAConfig, eager_attention
+
+
+def _ref(q, k, v, kpm, causal):
+    return eager_attention(q.double(), k.double(), v.double(), kpm, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("Lq, Lk", [(37, 37), (1, 37), (5, 37)])
+@pytest.mark.parametrize("padding", [False, True])
+def test_sdpa_and_flex_match_reference(causal, Lq, Lk, padding):
+    g = torch.Generator().manual_seed(Lq * 7 + Lk + causal)
+    q = torch.randn(2, 2, Lq, 16, generator=g)
+    k, v = (torch.randn(2, 2, Lk, 16, generator=g) for _ in range(2))
+    kpm = (torch.rand(2, Lk, generator=g) > 0.3) if padding else None
+    if kpm is not None:
+        kpm[:, -1] = True  # causal rows must see at least one key for the comparison to be meaningful
+    spec = AttentionSpec(layer=0, n_heads=2, head_dim=16, max_len=Lk, causal=causal)
+    ref = _ref(q, k, v, kpm, causal).float()
+    for core in (Dense(SDPAConfig("math")).make_attention(spec), Dense(SDPAConfig()).make_attention(spec),
+                 Eager(None).make_attention(spec)):
+        torch.testing.assert_close(core(q, k, v, kpm), ref, atol=1e-5, rtol=1e-4)
+    out = FlexCore(spec, "off")(q, k, v, kpm)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_fully_masked_row_is_zero_not_nan():
+    q = k = v = torch.randn(1, 1, 4, 8)
+    kpm = torch.tensor([[False, False, False, False]])
+    assert torch.equal(eager_attention(q, k, v, kpm), torch.zeros_like(q))
