@@ -217,6 +217,7 @@ class Trainer:
             "evals_run": len(self.history),
             "reduced": cfg.scale != "paper",
             "note": "; ".join(cfg.notes) if cfg.notes else ("" if cfg.scale == "paper" else f"{cfg.scale} scale"),
+            "data_notes": list(getattr(task, "data_notes", ())),  # e.g. "generated, not the LRA release"
             "test_examples": int(test.get("n_examples", 0)),
         }
         return RunRecord(

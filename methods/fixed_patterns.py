@@ -54,11 +54,13 @@ class BigBirdConfig:  # ITC BigBird at block 64: 3 window blocks, 2 global, 3 ra
 
 
 @dataclass(frozen=True)
-class StridedConfig:  # Sparse Transformer (Child et al.), non-causal block form
+class StridedConfig:  # Sparse Transformer (Child et al.), non-causal block form. Child et al. use a local
+    # window equal to the stride (~sqrt(L) tokens); at block granularity that is < 1 block on LRA, so the
+    # local part is a fixed band and the stride (in blocks) is the free parameter
     block_size: int = 64
-    local_blocks: int = 0  # keep |i - j| < local_blocks; 0 = stride (Child et al. use window = stride)
+    local_blocks: int = 2  # keep |i - j| < local_blocks (2: the 3-block band of ``local``)
     stride_blocks: int = 0  # keep columns j with j % stride == stride - 1; 0 = round(sqrt(nb))
-    density: float = 0.0  # > 0: choose stride_blocks (local_blocks = stride when 0)
+    density: float = 0.0  # > 0: choose stride_blocks
     backend: str = "auto"
     note: str = ""
 
@@ -181,9 +183,8 @@ class Strided(_FixedPattern):
     def params(self, nb, layer):
         s = self.cfg.stride_blocks or max(1, round(math.sqrt(nb)))
         if self.cfg.density:
-            s = _closest(lambda p: strided_layout(nb, self.cfg.local_blocks or p, p), range(1, nb + 1),
-                         self.cfg.density)
-        return {"local_blocks": self.cfg.local_blocks or s, "stride_blocks": s}
+            s = _closest(lambda p: strided_layout(nb, self.cfg.local_blocks, p), range(1, nb + 1), self.cfg.density)
+        return {"local_blocks": self.cfg.local_blocks, "stride_blocks": s}
 
     def layout(self, nb, layer, local_blocks, stride_blocks):
         return strided_layout(nb, local_blocks, stride_blocks)

@@ -244,6 +244,8 @@ class SpionCore(AttentionCore):
         if self.training and self.capture:  # phase A check step: mean_{b,h} softmax, no dropout
             self.capture = False  # only the first call of the step (Retrieval: document 0, as the original)
             self.stats.update(q, k, key_padding_mask)
+        if key_padding_mask is not None and bool(key_padding_mask.all()):
+            key_padding_mask = None  # no padding in this batch: let SDPA pick a maskless kernel
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
         p_drop = self.cfg.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)

@@ -5,8 +5,9 @@ Source
     original is drewlinsley/pathfinder ``snakes2.py``, MIT) of the pathfinder32 ``curv_contour_length_14``
     distribution with LRA's parameters (shared data notes ``lra_pathfinder/SOURCE.md``): 32x32 window, padding
     1, antialias scale 2, two target "snakes" of ``contour_length`` = 14 paddles each (paddle length 2 px,
-    thickness 0.5 px, gap ``paddle_margin`` = 1 px between consecutive paddles, direction change per paddle
-    uniform in +-``continuity`` x 30 degrees), ``num_distractor_snakes`` = 20 // 4 = 5 distractor snakes of
+    thickness 0.5 px, gap ``paddle_margin`` = 1 px between consecutive paddles, each next direction drawn, as
+    in snakes2, with weight ``cos(min(continuity * |turn|, pi/2))**2`` among candidates that stay in the
+    window and clear of other paddles), ``num_distractor_snakes`` = 20 // 4 = 5 distractor snakes of
     ``distractor_length`` = 14 // 3 = 4 paddles, two markers of radius 1.5 px at least ``seed_distance`` = 7 px
     apart. Label 1 (p = 0.5): both markers sit on the two ends of the same target snake; label 0: one marker
     on an end of each target snake. Paddles of different snakes keep >= 1.5 px apart (checked on the
@@ -19,8 +20,9 @@ Source
 Deviations of the generator (documented, not hidden): the original draws paddles with OpenCV on an
     antialiased canvas, with retry rules (``max_*_retrial``) and an occupancy raster; we place paddles on
     vector geometry with our own retry rule and render by 2x2 supersampled coverage. Interpretations where
-    snakes2's parameters are ambiguous: paddle_thickness 0.5 is the half-width (lines ~1 px wide);
-    continuity 1.0 -> max turn 30 degrees per paddle; paddle_contrast 0.75 -> paddles drawn at 0.75 of the
+    snakes2's parameters are ambiguous: paddle_thickness 0.5 is the half-width (lines ~1 px wide; snakes2
+    draws 1 sub-pixel wide lines, fainter); each paddle starts ``GAP`` after the previous one's end (snakes2's
+    pivot arithmetic differs slightly); 36 candidate directions per paddle; paddle_contrast 0.75 -> paddles drawn at 0.75 of the
     marker intensity (markers 255, paddles ~191); snake_contrast and single distractor paddles not modelled.
     The generated images are therefore a statistically similar task, not LRA's pixels.
 
@@ -48,7 +50,6 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
-import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -171,8 +172,11 @@ def _grow_batch(rng: np.random.Generator, others: np.ndarray, n: int, continuity
         w = w * w0[None]
         tot = w.sum(1)
         dead = tot <= 0
-        cum = np.cumsum(w, 1) / np.maximum(tot, 1e-12)[:, None]
-        k = np.minimum((cum < rng.random(len(idx))[:, None]).sum(1), _N_DIR - 1)
+        # inverse-CDF draw; k always lands on a positive-weight candidate (cum[k-1] <= thr < cum[k])
+        cum = np.cumsum(w, 1)
+        thr = rng.random(len(idx)) * tot
+        last = _N_DIR - 1 - np.argmax(w[:, ::-1] > 0, 1)
+        k = np.minimum((cum <= thr[:, None]).sum(1), last)
         r = np.arange(len(idx))
         segs[idx, j, 0], segs[idx, j, 1], th[idx] = P[r, k], Q[r, k], dirs[r, k]
         ok[idx[dead]] = False

@@ -25,7 +25,6 @@ Config lineage
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 

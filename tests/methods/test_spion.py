@@ -8,7 +8,6 @@ import types
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bench.errors import BenchError
 from bench.method import AttentionSpec
@@ -288,6 +287,18 @@ def test_capture_first_call_only_and_padding_check():
     torch.testing.assert_close(core.take_map(), attention_stats(q1, k1, per_head=False))
     with pytest.raises(BenchError, match="power of two"):
         m.attention(AttentionSpec(layer=1, n_heads=2, head_dim=16, max_len=2000))
+
+
+def test_avg_over_k_batches_arms_the_last_k_steps():
+    m = _method(S.SpionCF, layers=1, avg_over_k_batches=3, check_every=10)
+    tr = _FakeTrainer(steps=20, eval_every=10)
+    m.on_train_start(tr)
+    armed = []
+    for step in range(10):
+        m.before_step(tr, step)
+        armed.append(m.cores[0].capture)
+        m.cores[0].capture = False  # as if the step's forward consumed it
+    assert armed == [False] * 7 + [True] * 3
 
 
 def test_default_config_per_task():
