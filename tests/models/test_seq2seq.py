@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from bench.method import AttentionSpec
 from bench.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, label_smoothed_nll, sinusoidal_positions
-from methods.dense import Dense, Eager, SDPAConfig
 from bench.method import NoConfig
+from methods.dense import Dense, Eager, SDPAConfig
 
 CFG = Seq2SeqConfig(n_enc_layers=2, n_dec_layers=2, d_model=32, n_heads=4, d_ff=64, dropout=0.0, max_src_len=16, max_tgt_len=16)
 V = 23
@@ -63,6 +62,7 @@ def _method(name):
             "flex": lambda: Flex(FlexConfig(compile="off"))}[name]()
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("method", ["eager", "dense", "flex"])
 def test_kv_cache_matches_full_recompute(method):
     """Cached decoding calls causal cores with Lq=1 < Lk: they must align the causal diagonal bottom-right."""
