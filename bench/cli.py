@@ -196,10 +196,11 @@ def _main(args) -> int:
     unusable = {m.name: registry.get_method(m.name).unavailable_reason(device) for m in methods}
     for name, reason in unusable.items():
         if reason:
-            if args.methods:
+            if args.methods and not args.dry_run:
                 raise BenchError(f"method {name}: {reason}")
             print(f"skip method {name}: {reason}")
-    methods = [m for m in methods if not unusable[m.name]]
+    if not args.dry_run:
+        methods = [m for m in methods if not unusable[m.name]]
 
     plan, skipped = [], []
     for t in tasks:

@@ -49,18 +49,16 @@ Backward: two kernels and no atomics (deterministic):
 Let ``nnz`` be the number of kept (query block, key block) pairs over all heads,
 ``T = B * nnz * bs^2`` the number of kept score entries, ``e`` the element size.
 
-* FLOPs: forward ``4 * T * D`` (QK^T and PV, 2 each); backward ``10 * T * D``
-  (dQ kernel: QK^T, dO V^T, dS K = 6; dK/dV kernel: QK^T, dO V^T, P^T dO, dS^T Q = 8 ... with the
-  recomputation the backward executes 14 * T * D, the "useful" count being 10 * T * D =
-  2.5 x forward, which is what effective TFLOP/s numbers in docs/perf.md use).
-* Bytes (compulsory, i.e. if every tile were read once): forward ``e * B*H*L*D * 4`` (q, k, v,
-  out) + ``4 * B*H*L`` (lse); backward ``e * B*H*L*D * 8`` (q, k, v, o, dO in; dq, dk, dv out) +
-  ``8 * B*H*L`` (lse, delta).  The kernel actually re-reads K/V once per kept block per query
-  tile: forward traffic ``~ e * (B*H*L*D * 2 + 2 * D * T / BLOCK_M)``; with BLOCK_M = 128 and
-  D = 64, the arithmetic intensity is ``4 T D / (2 e D T / 128) = 128`` FLOP/byte for bf16,
-  above the H100 ridge (~330 FLOP/B is the *HBM* ridge, but K/V tiles mostly hit L2), so the
-  kernel is compute/latency bound for density > ~0.05.  See docs/perf.md for the measured
-  numbers.
+* FLOPs (useful): forward ``4 * T * D`` (QK^T and PV); backward ``10 * T * D`` = 2.5x forward
+  (dQ kernel: QK^T recompute, dO V^T, dS K; dK/dV kernel: P^T dO, dS^T Q).  The dK/dV kernel also
+  recomputes QK^T and dO V^T, so the backward executes ``14 * T * D``; effective TFLOP/s in
+  docs/perf.md use the useful counts (fwd+bwd = 3.5x forward, the spec's convention).
+* Bytes (compulsory, every tensor touched once): forward ``e * 4 * B*H*L*D`` (q, k, v, out) +
+  ``4 * B*H*L`` (lse); backward ``e * 8 * B*H*L*D`` (q, k, v, o, dO in; dq, dk, dv out) +
+  ``8 * B*H*L`` (lse, delta).  Each query tile re-reads the K/V tiles of its kept blocks, so the
+  forward really moves ``~ 2 * e * D * T / BLOCK_M`` more bytes (served partly by L2).  At
+  L = 16k, d = 0.25 the FLOP floor (0.37 ms at 752 TFLOP/s) is 8x the compulsory-byte floor
+  (0.045 ms at 3 TB/s): the kernel is compute bound.  Measured numbers: docs/perf.md.
 
 Peak extra memory: ``out``, ``lse`` (forward) and ``dq, dk, dv, delta`` (backward): O(L*D).
 The LUTs are O(nnz).  Nothing of size L^2 is ever allocated.

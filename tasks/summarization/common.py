@@ -110,6 +110,15 @@ class SummarizationTask(Seq2SeqTask):
         model, data_kw, train, notes = table[scale]
         return model, cls.DataConfig(**data_kw), train, notes
 
+    def prepare(self) -> None:
+        try:
+            import rouge_score  # noqa: F401  (fail before training, not at the first eval)
+        except ImportError:
+            from bench.errors import BenchError
+
+            raise BenchError(f"{self.name}: the rouge-score package is needed for ROUGE; pip install rouge-score") from None
+        super().prepare()
+
     def load_texts(self, split: str):
         src, ref = self.load_documents(split)
         cap = self.cfg.data.max_eval_examples

@@ -7,6 +7,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -15,7 +16,7 @@ from kernels import AttentionStatsAccumulator, attention_stats  # noqa: E402
 from kernels.block_sparse_attention import HAS_TRITON  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_OK = HAS_TRITON and (DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+TRITON_OK = HAS_TRITON and (DEV == "cuda" or importlib.import_module("kernels.block_sparse_attention")._INTERPRET)
 BACKENDS = ["torch"] + (["triton"] if TRITON_OK else [])
 
 

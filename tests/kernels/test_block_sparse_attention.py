@@ -44,7 +44,8 @@ import importlib  # noqa: E402
 BSA_MODULE = importlib.import_module("kernels.block_sparse_attention")
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TRITON_OK = HAS_TRITON and (DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+# use the mode the kernels module was actually imported in (TRITON_INTERPRET is read at import)
+TRITON_OK = HAS_TRITON and (DEV == "cuda" or BSA_MODULE._INTERPRET)
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="triton unavailable (needs CUDA or TRITON_INTERPRET=1)")
 
 
