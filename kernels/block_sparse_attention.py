@@ -46,7 +46,8 @@ Backward: two kernels and no atomics (deterministic):
   its key block, recomputes ``P^T`` from the saved lse, ``dV = P^T dO``,
   ``dK = scale * dS^T Q``.
 
-Let ``nnz`` be the number of kept (query block, key block) pairs over all heads,
+Let ``nnz`` be the number of kept (head, query block, key block) triples over all H heads
+(a broadcast layout counts H times),
 ``T = B * nnz * bs^2`` the number of kept score entries, ``e`` the element size.
 
 * FLOPs (useful): forward ``4 * T * D`` (QK^T and PV); backward ``10 * T * D`` = 2.5x forward
@@ -68,8 +69,6 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
-
 import torch
 from torch.utils.checkpoint import checkpoint
 

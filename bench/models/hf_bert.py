@@ -210,9 +210,13 @@ class quiet_transformers:
         from transformers.utils import logging
 
         self._old = logging.get_verbosity()
+        self._bars = logging.is_progress_bar_enabled()
         logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
     def __exit__(self, *exc):
         from transformers.utils import logging
 
         logging.set_verbosity(self._old)
+        if self._bars:
+            logging.enable_progress_bar()
