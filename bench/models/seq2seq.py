@@ -13,7 +13,8 @@ encoder input, the decoder input and the output projection (joint vocabulary).
 Incremental decoding keeps per-layer caches: decoder self-attention K/V grow by one position per step, and
 cross-attention K/V are computed once from the memory. At a step the core is called with ``q`` of length 1
 against ``t + 1`` cached keys and the layer's causal spec: **a causal core must align the causal diagonal to
-the end when Lq != Lk** (query i sees keys ``<= i + Lk - Lq``), as ``methods/dense.py::eager_attention`` does.
+the end when Lq != Lk** (query i sees keys ``<= i + Lk - Lq``), as ``methods/dense.py``'s eager, SDPA and
+flex cores do (``tests/models/test_seq2seq.py`` checks cached == full recompute for each).
 Decoder self-attention gets no key-padding mask: targets are right-padded, so with the causal mask a real
 query never sees a padding key (padded query rows are ignored by the loss).
 

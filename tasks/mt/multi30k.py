@@ -20,7 +20,8 @@ Presets:
   test decoding; a smoke run, not a quality number.
 - ``small``: 3+3 layers, d 256, 4 heads, FFN 1024, dropout 0.1, label smoothing 0.1, 4,000 steps x 128 sentences
   (~18 epochs), lr 1e-3 cosine, 400 warm-up steps, beam 4 on test2016 -- a reduced budget vs. a Transformer-base
-  run; expected BLEU ~33-38 (small Transformers on Multi30k de-en reach 35+).
+  run. Measured (one H100, ``eager`` method, seed 0, 2026-11-24): test2016 BLEU 40.7 (dev greedy 40.5), 218 s
+  wall, 42 ms/step; ``dense`` reached 30.9 after only 600 steps (33 ms/step).
 - ``paper``: AP's MT experiments (``../shared/specs/attention_pruning.md``) use fairseq's Transformer on "WMT" with
   the exact pair/architecture unverified; we use Transformer-base (6+6 layers, d 512, 8 heads, FFN 2048, dropout
   0.1, label smoothing 0.1, Adam (0.9, 0.98), rsqrt schedule with 4,000 warm-up steps, beam 4, length penalty 1.0)
