@@ -115,10 +115,15 @@ def _dense_fn(kind: str):
 def run_sweep(cfg: SweepConfig, device: torch.device, progress=None, log=print) -> list[dict]:
     cuda = device.type == "cuda"
     dtype = getattr(torch, cfg.dtype)
-    flex = _Flex(cuda) if "flex" in cfg.kernels else None
+    if cuda:  # past the recompile limit torch.compile silently runs Flex eagerly: never let it get there
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.accumulated_recompile_limit = 4096
     rows: list[dict] = []
     points = [(L, D) for L in cfg.lengths for D in cfg.head_dims]
     for L, D in points:
+        if cuda:
+            torch._dynamo.reset()  # fresh compile cache per shape
+        flex = _Flex(cuda) if "flex" in cfg.kernels else None
         H, B = max(1, cfg.hidden // D), max(1, cfg.tokens_per_batch // L)
         nb = math.ceil(L / cfg.block_size)
         gen = torch.Generator(device="cpu").manual_seed(L * 1000 + D)

