@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.errors import BenchError
+from bench.errors import BenchError, DataUnavailable
 
 DEFAULT_METHODS = ("dense", "flex")
 
@@ -240,15 +240,24 @@ def _main(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     from tqdm.auto import tqdm
 
-    done = failed = 0
+    done, data_failed = 0, set()
     sweep = tqdm(plan, desc="sweep", unit="run", disable=not progress)
     for i, (t, m, seed, cfg, path) in enumerate(sweep, 1):
         tag = f"[{i}/{len(plan)}] {t} {m.label} seed {seed}"
         if args.resume and is_finished(path):
             print(f"{tag}: done already ({path})")
             continue
+        if t in data_failed:
+            continue
         t0 = time.perf_counter()
-        record = run_one(t, m, seed, cfg, device, args.data_dir, scale, progress, args.overrides)
+        try:
+            record = run_one(t, m, seed, cfg, device, args.data_dir, scale, progress, args.overrides)
+        except DataUnavailable as e:
+            if explicit:
+                raise
+            data_failed.add(t)  # a suite goes on without the task, saying why in one line
+            print(f"skip {t}: {e}")
+            continue
         write_record(record, path)
         done += 1
         main_metric = record.budget.get("main_metric")
