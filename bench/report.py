@@ -15,6 +15,8 @@ from pathlib import Path
 
 import matplotlib
 import matplotlib.patches
+import matplotlib.ticker
+from matplotlib.lines import Line2D
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -26,6 +28,10 @@ from bench.registry import SUITES
 NA = "–"  # no runs for this cell
 NM = "n/m"  # not measured
 DAGGER, DDAGGER = "†", "‡"
+CHANCE_MARK, DENSE_CKPT = "◦", "§"
+# chance accuracy (%) of the LRA tasks (classes: ListOps 10, Text 2, Retrieval 2, Image 10, Pathfinder 2)
+CHANCE = {"lra_listops": 10.0, "lra_text": 50.0, "lra_retrieval": 50.0, "lra_image": 10.0, "lra_pathfinder": 50.0}
+CHANCE_MARGIN = 2.0
 
 
 # ----------------------------------------------------------------------------- formatting helpers
@@ -107,15 +113,18 @@ def _main_metric(rec: dict) -> str | None:
 def _runs_frame(recs: list[dict]) -> pd.DataFrame:
     rows = []
     for r in recs:
-        variant, meas = r["method_info"].get("variant"), r["measurements"]
+        info, meas = r["method_info"], r["measurements"]
+        variant = info.get("variant")
         rows.append(dict(
-            scale=r["scale"], task=r["task"], seed=r["seed"], path=r["_path"],
+            scale=r["scale"], task=r["task"], seed=r["seed"], path=r["_path"], method=r["method"],
             label=r["method"] + (f" [{variant}]" if variant else ""),
-            dense=r["method_info"].get("family") == "dense",
+            dense=info.get("family") == "dense", family=info.get("family"), info=info,
+            by_phase=meas.get("train_step_ms_median_by_phase") or {}, steps_run=r["budget"].get("steps_run"),
+            max_len=(r["config"].get("model") or {}).get("max_len"),
             main_metric=_main_metric(r), metrics=r["metrics"], hib=r["higher_is_better"],
             reduced=bool(r["budget"].get("reduced")), note=r["budget"].get("note") or "(no note)",
             step_ms=meas.get("train_step_ms_median"), tok_s=meas.get("infer_tokens_per_s"),
-            mem_mib=meas.get("peak_mem_mib"), density=r["method_info"].get("density_per_layer"),
+            mem_mib=meas.get("peak_mem_mib"), density=info.get("density_per_layer"),
         ))
     df = pd.DataFrame(rows).sort_values(["scale", "task", "label", "seed", "path"], kind="stable")
     for c in ("step_ms", "tok_s", "mem_mib"):
@@ -131,12 +140,35 @@ def _task_metric(t: pd.DataFrame) -> tuple[str, bool]:
     return metric, hib
 
 
+def _fastest(t: pd.DataFrame, mask: pd.Series) -> tuple[str | None, float]:
+    """Among the rows ``mask`` of one task: the label with the lowest mean step time, and that time."""
+    g = t[mask].groupby("label", sort=True).step_ms.mean().dropna()
+    return (g.idxmin(), float(g.min())) if len(g) else (None, math.nan)
+
+
+def _is_spion(t: pd.DataFrame) -> pd.Series:
+    return t.method.str.startswith("spion_")
+
+
+def _is_fixed(t: pd.DataFrame) -> pd.Series:
+    """Fixed-pattern sparse methods (local, longformer, bigbird, strided...): sparse family, not SPION."""
+    return t.family.eq("sparse") & ~_is_spion(t)
+
+
+def _mean_density(d: pd.Series) -> float:
+    """Mean over records and layers of ``density_per_layer`` (nan when none is stored)."""
+    vals = [v for x in d if isinstance(x, (list, tuple)) for v in x]
+    return float(np.mean(vals)) if vals else math.nan
+
+
 # ----------------------------------------------------------------------------- run suites
 
-def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict]:
-    """methods (columns) × tasks (rows) table for one scale, plus published reference columns."""
+def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
+    """methods (columns) × tasks (rows) table for one scale, plus published reference columns; also returns
+    the reduced-budget notes and whether any cell is within ``CHANCE_MARGIN`` points of chance."""
     labels = sorted(df.label.unique())
     notes: dict[str, set] = {}
+    near_chance = False
     rows, ref_cols = [], []
     for task, t in df.groupby("task", sort=True):
         metric, hib = _task_metric(t)
@@ -150,6 +182,9 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict]:
                     notes.setdefault(note, set()).add(f"{task} / {label}")
             if g.seed.duplicated().any():
                 cell += f" {DDAGGER}"
+            if metric == "accuracy" and task in CHANCE and vals and abs(np.mean(vals) - CHANCE[task]) <= CHANCE_MARGIN:
+                cell += f" {CHANCE_MARK}"
+                near_chance = True
             row[label] = cell
         for k, v in (refs.get(task) or {}).items():
             col = f"ref: {k}"
@@ -157,7 +192,7 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict]:
             row[col] = _num(v)
         rows.append(row)
     table = pd.DataFrame(rows).reindex(columns=["task (main metric)", *labels, *ref_cols]).fillna(NA)
-    return _md(table), notes
+    return _md(table), notes, near_chance
 
 
 def _efficiency(t: pd.DataFrame) -> str:
@@ -165,10 +200,9 @@ def _efficiency(t: pd.DataFrame) -> str:
     g = t.groupby("label", sort=True).agg(
         n=("seed", "size"), dense=("dense", "any"),
         step_ms=("step_ms", "mean"), tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"))
-    dense = g[g.dense & g.step_ms.notna()]
+    best, _ = _fastest(t, t.dense)
     out = []
-    if len(dense):
-        best = dense.step_ms.idxmin()
+    if best is not None:
         ref = g.loc[best]
         out.append(f"Ratios are to the fastest dense method here: **{best}** ({_num(ref.step_ms)} ms/step).\n")
     else:
@@ -235,6 +269,126 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
     return written
 
 
+def _step_vs_length(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list[Path]:
+    """Train step time relative to each task's fastest dense method vs that task's sequence length."""
+    pts = []
+    for task, t in s[s.max_len.notna()].groupby("task", sort=True):
+        _, dense_ms = _fastest(t, t.dense)
+        for label, g in t.groupby("label", sort=True):
+            if not _isnan(dense_ms) and g.step_ms.notna().any():
+                pts.append((label, int(g.max_len.iloc[0]), task, g.step_ms.mean() / dense_ms))
+    p = pd.DataFrame(pts, columns=["label", "L", "task", "ratio"]).sort_values(["label", "L", "task"])
+    if p.L.nunique() < 2:  # one length: nothing to plot against
+        return []
+    markers = {task: m for task, m in zip(sorted(p.task.unique()), "osD^vP*Xph")}
+    fig = Figure(figsize=(8, 3.8), layout="constrained")
+    ax = fig.subplots()
+    handles = []
+    for i, (label, g) in enumerate(p.groupby("label", sort=True)):
+        ax.plot(g.L, g.ratio, "-", lw=0.8, color=f"C{i % 10}")
+        for row in g.itertuples():
+            ax.plot(row.L, row.ratio, markers[row.task], color=f"C{i % 10}", ms=5)
+        handles.append(Line2D([], [], color=f"C{i % 10}", label=label))
+    handles += [Line2D([], [], ls="", marker=m, color="k", label=task) for task, m in markers.items()]
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    fmt = matplotlib.ticker.StrMethodFormatter("{x:.2g}")
+    ax.yaxis.set_major_formatter(fmt)
+    ax.yaxis.set_minor_formatter(fmt)
+    ax.tick_params(axis="y", which="both", labelsize=7)
+    ax.set_xticks(sorted(p.L.unique()), [str(L) for L in sorted(p.L.unique())])
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("sequence length (model.max_len)")
+    ax.set_ylabel("train step time / fastest dense")
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7)
+    ax.set_title(f"{suite} ({scale}): step time vs sequence length\nacross different tasks (different models): "
+                 "indicative only", fontsize=9)
+    return _save(fig, figdir, _slug(suite, scale, "step_time_vs_length"))
+
+
+def _layout_figure(layouts: list, title: str) -> Figure:
+    """One binary block-layout panel per layer (black = computed block)."""
+    fig = Figure(figsize=(2.2 * len(layouts), 2.6), layout="constrained")
+    for i, (ax, lay) in enumerate(zip(fig.subplots(1, len(layouts), squeeze=False)[0], layouts)):
+        a = np.asarray(lay, dtype=float)
+        ax.imshow(a, cmap="binary", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"layer {i}: density {a.mean():.3g}", fontsize=8)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float) -> dict:
+    info, sparse_ms = r.info, r.by_phase.get("sparse")
+    ts = info.get("transition_step")
+    if ts is None:
+        trans = "no transition" + (f" in {r.steps_run} steps" if r.steps_run is not None else "")
+    else:
+        trans = str(ts) + (f" (check {info['transition_check']})" if info.get("transition_check") is not None else "")
+        trans += " forced (not in the original)" if info.get("forced_transition") else ""
+    bc = info.get("best_checkpoint") or {}
+    phase = info.get("best_checkpoint_eval_phase") or bc.get("phase")
+    best = NA if phase is None else f"{phase} @ {bc.get('step', '?')}"
+    if phase == "dense" and ts is not None:
+        best += f" {DENSE_CKPT}"
+    dens = info.get("density_per_layer") or []
+    return {
+        "method": r.label, "seed": str(r.seed), "variant": info.get("spion_variant", NA),
+        "softmax": info.get("softmax_mode", NA), "transition step": trans, "checks": str(info.get("n_checks", NA)),
+        "density per layer": ", ".join(f"{v:.3g}" for v in dens) or NA,
+        "dense-phase ms": _num(r.by_phase.get("dense")),
+        "sparse-phase ms": _num(sparse_ms, NA if ts is None else "none timed"),
+        "sparse / fastest dense": _ratio_or_na(None if sparse_ms is None else sparse_ms / dense_ms),
+        "sparse / fastest fixed (its density)": NA if sparse_ms is None or _isnan(fixed_ms) else
+        f"{_ratio(sparse_ms / fixed_ms)} (d={_num(fixed_d, NA)})",
+        "best ckpt (phase @ step)": best, "test attention": info.get("tested_with", NA),
+    }
+
+
+def _spion_section(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> tuple[list[str], list[Path]]:
+    """SPION runs of one scale: transition, densities, per-phase step time, layouts."""
+    if not _is_spion(s).any():
+        return [], []
+    md = ["### SPION\n",
+          "Per run: the transition step (0-based step after which the dense phase ends; the original has no "
+          "fallback, so a run whose criterion never fired stays dense), the number of transition checks, the "
+          "achieved per-layer block density, and the median train step time of each phase "
+          "(`train_step_ms_median_by_phase`). The sparse-phase time is compared with the fastest dense method "
+          "and the fastest fixed-pattern method (sparse family, not SPION) of the task; the fixed pattern's mean "
+          "density is given next to the ratio: the densities differ, so this is not an equal-density comparison.\n"]
+    written, ckpt_note = [], False
+    for task, t in s[s.task.isin(s[_is_spion(s)].task)].groupby("task", sort=True):
+        dense_lab, dense_ms = _fastest(t, t.dense)
+        fixed_lab, fixed_ms = _fastest(t, _is_fixed(t))
+        fixed_d = _mean_density(t[t.label == fixed_lab].density) if fixed_lab else math.nan
+        md.append(f"#### {task}\n")
+        md.append(f"Fastest dense: {f'**{dense_lab}** ({_num(dense_ms)} ms/step)' if dense_lab else 'none measured'}; "
+                  f"fastest fixed pattern: " + (f"**{fixed_lab}** ({_num(fixed_ms)} ms/step, mean density "
+                                                f"{_num(fixed_d, NA)})" if fixed_lab else "none measured") + ".\n")
+        rows = [_spion_row(r, dense_ms, fixed_ms, fixed_d) for r in t[_is_spion(t)].itertuples()]
+        ckpt_note |= any(DENSE_CKPT in r["best ckpt (phase @ step)"] for r in rows)
+        md.append(_md(pd.DataFrame(rows)))
+        figs = []
+        for r in t[_is_spion(t)].itertuples():
+            if r.info.get("layouts"):
+                title = f"{task} / {r.label} (seed {r.seed}): layout per layer"
+                figs += _save(_layout_figure(r.info["layouts"], title), figdir,
+                              _slug(suite, scale, task, r.label, f"s{r.seed}", "layouts"))
+        for label, g in t[_is_fixed(t)].groupby("label", sort=True):
+            r = next(g.itertuples())
+            if r.info.get("layout_layer0"):
+                figs += _save(_layout_figure([r.info["layout_layer0"]], f"{task} / {label} (seed {r.seed}): layer 0"),
+                              figdir, _slug(suite, scale, task, label, f"s{r.seed}", "layout0"))
+        written += figs
+        md.append(_links(figs))
+    if ckpt_note:
+        md.append(f"{DENSE_CKPT} The best dev checkpoint is from the dense phase (before the transition): the "
+                  "reported test metric uses those dense-phase weights with the attention in `test attention`.\n")
+    return md, written
+
+
 def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tuple[list[str], list[Path]]:
     df = _runs_frame(recs)
     md, written = [], []
@@ -244,8 +398,11 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
         md.append("### Quality\n")
         md.append("Main test metric per task, mean ± sample std (ddof=1) over seeds, (n) = number of runs. "
                   "`ref:` columns are published numbers, not runs of this suite.\n")
-        table, notes = _quality(s, refs)
+        table, notes, near_chance = _quality(s, refs)
         md.append(table)
+        if near_chance:
+            md.append(f"{CHANCE_MARK} Within {CHANCE_MARGIN:g} points of chance accuracy: the run did not learn "
+                      "the task at this budget.\n")
         if notes:
             md.append(f"{DAGGER} Reduced budget (not the paper setup):\n")
             md.append("".join(f"- {note} ({', '.join(sorted(cells))})\n" for note, cells in sorted(notes.items())))
@@ -260,6 +417,12 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
         for task, t in s.groupby("task", sort=True):
             md.append(f"#### {task}\n")
             md.append(_efficiency(t))
+        figs = _step_vs_length(s, suite, scale, figdir)
+        written += figs
+        md += [_links(figs)] if figs else []
+        sec, figs = _spion_section(s, suite, scale, figdir)
+        md += sec
+        written += figs
     return md, written
 
 

@@ -144,3 +144,81 @@ def test_figures_exist(rendered):
         for ext in ("png", "svg"):
             p = figs / f"{stem}.{ext}"
             assert p in first and p.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- SPION, chance, seq-length figure
+
+def _lra(task, method, acc, step_ms, info, by_phase=None, max_len=2048):
+    meas = {"train_step_ms_median": step_ms, "infer_tokens_per_s": 1.0, "peak_mem_mib": 1.0}
+    if by_phase:
+        meas["train_step_ms_median_by_phase"] = by_phase
+    return RunRecord(
+        kind="run", task=task, method=method, scale="small", seed=0, config={"model": {"max_len": max_len}},
+        config_hash=f"h{method}", metrics={"accuracy": acc}, higher_is_better={"accuracy": True},
+        measurements=meas, budget={"main_metric": "accuracy", "steps_run": 2000, "reduced": False},
+        method_info=info, env=ENV, git={"commit": "0123456789abcdef", "dirty": False},
+        date="2025-01-01T00:00:00+00:00", wall_time_s=1.0)
+
+
+LAYOUT = [[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 0, 1]]  # density 7/16
+
+
+def _spion(method, transition, **kw):
+    info = {"family": "sparse", "spion_variant": method, "softmax_mode": "phantom_zero", "n_checks": 8,
+            "transition_step": transition, "transition_check": 7 if transition else None, "forced_transition": False,
+            "density_per_layer": [0.4375, 0.4375] if transition else [],
+            "tested_with": "sparse" if transition else "dense",
+            "best_checkpoint": {"phase": "dense", "step": 750}, **kw}
+    if transition:
+        info["layouts"] = [LAYOUT, LAYOUT]
+    return info
+
+
+@pytest.fixture(scope="module")
+def spion_rendered(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spion")
+    recs = [
+        _lra("lra_listops", "dense", 38.0, 20.0, {"family": "dense"}),
+        _lra("lra_listops", "flex", 38.0, 16.0, {"family": "dense"}),
+        _lra("lra_listops", "bigbird", 38.0, 10.0, {"family": "sparse", "density_per_layer": [0.25, 0.25],
+                                                    "layout_layer0": LAYOUT}),
+        _lra("lra_listops", "spion_cf", 37.0, 15.0, _spion("spion_cf", 1749), {"dense": 16.0, "sparse": 8.0}),
+        _lra("lra_listops", "spion_c", 37.0, 16.0, _spion("spion_c", None), {"dense": 16.0}),
+        _lra("lra_pathfinder", "dense", 51.5, 5.0, {"family": "dense"}, max_len=1024),  # within 2 points of 50
+    ]
+    for r in recs:
+        write_record(r, tmp / "results" / "lra" / record_filename(r.task, r.method, "small", 0, r.config_hash))
+    written = render_reports(tmp / "results", tmp / "r", {})
+    return tmp, written, (tmp / "r" / "lra.md").read_text(encoding="utf-8")
+
+
+def test_spion_table(spion_rendered):
+    _, _, md = spion_rendered
+    sec = md.split("### SPION")[1].split("#### lra_listops")[1]
+    assert "Fastest dense: **flex** (16.00 ms/step); fastest fixed pattern: **bigbird** (10.00 ms/step" in sec
+    cf = _cells(sec, "spion_cf")
+    assert cf[2:] == ["spion_cf", "phantom_zero", "1749 (check 7)", "8", "0.438, 0.438", "16.00", "8.00",
+                      "0.50×", "0.80× (d=0.250)", "dense @ 750 §", "sparse"]
+    c = _cells(sec, "spion_c")
+    assert c[4:11] == ["no transition in 2000 steps", "8", "–", "16.00", "–", "–", "–"]
+    assert c[11] == "dense @ 750"  # no transition: a dense-phase checkpoint is no pitfall
+    assert "§ The best dev checkpoint is from the dense phase" in md
+    assert "lra_pathfinder" not in md.split("### SPION")[1]  # no SPION runs there
+
+
+def test_chance_marker(spion_rendered):
+    _, _, md = spion_rendered
+    assert _cells(md, "lra_pathfinder (accuracy ↑)")[-1] == "–"
+    assert "51.50 (1) ◦" in md and "38.00 (1) ◦" not in md
+    assert "◦ Within 2 points of chance accuracy: the run did not learn the task at this budget." in md
+
+
+def test_spion_figures(spion_rendered):
+    tmp, written, md = spion_rendered
+    for stem in ["lra_small_lra_listops_spion_cf_s0_layouts", "lra_small_lra_listops_bigbird_s0_layout0",
+                 "lra_small_step_time_vs_length"]:
+        for ext in ("png", "svg"):
+            p = tmp / "r" / "figures" / f"{stem}.{ext}"
+            assert p in written and p.stat().st_size > 1000
+        assert f"(figures/{stem}.png)" in md
+    assert not (tmp / "r" / "figures" / "lra_small_lra_listops_spion_c_s0_layouts.png").exists()
