@@ -278,7 +278,11 @@ class _Spion(Method):
         key = _task_key(task_name)
         _, q, density = PAPER_SETTINGS[key] if key else PAPER_SETTINGS["listops"]
         block, note = lra_block_size(task_name, scale)
-        return SpionConfig(block_size=block, quantile=q, density=density, note=note)
+        check_every = 0
+        if scale == "tiny":  # a smoke test must reach the sparse phase: check 3 comes at step 3*check_every - 1
+            check_every = 10
+            note = "; ".join(n for n in (note, "tiny scale: transition checked every 10 steps (not at eval steps)") if n)
+        return SpionConfig(block_size=block, quantile=q, density=density, note=note, check_every=check_every)
 
     @property
     def restart(self) -> bool:
