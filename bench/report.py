@@ -8,6 +8,8 @@ same records give byte-identical markdown (and SVGs).
 """
 from __future__ import annotations
 
+import json
+
 import math
 import re
 from collections import Counter
@@ -585,6 +587,33 @@ def _env_footer(recs: list[dict]) -> str:
             f"- records: {len(recs)}\n")
 
 
+def _load_errata(results_dir: Path) -> list[dict]:
+    """``results/errata.json``: known defects of committed records (records themselves are never edited)."""
+    path = results_dir / "errata.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def _mark_erratum(rec: dict, results_dir: Path, errata: list[dict]) -> None:
+    """Label an affected record's method 'erratum N' wherever it is shown, so no table hides the defect."""
+    rel = Path(rec["_path"]).resolve().relative_to(results_dir.resolve()).as_posix()
+    for e in errata:
+        if rel in e["records"]:
+            info = rec["method_info"]
+            info["variant"] = "; ".join(v for v in (info.get("variant", ""), f"erratum {e['id']}") if v)
+            rec["_erratum"] = e["id"]
+
+
+def _errata_section(recs: list[dict], errata: list[dict]) -> list[str]:
+    ids = sorted({r["_erratum"] for r in recs if "_erratum" in r})
+    if not ids:
+        return []
+    out = ["## Errata\n"]
+    for e in errata:
+        if e["id"] in ids:
+            out.append(f"- **erratum {e['id']}** ({e['affects']}): {e['note']}")
+    return out + [""]
+
+
 def render_reports(results_dir: Path, reports_dir: Path,
                    task_reference: dict[str, dict[str, float]] | None = None) -> list[Path]:
     """Render every record under ``results_dir`` into ``reports_dir``; returns the written paths."""
@@ -592,12 +621,15 @@ def render_reports(results_dir: Path, reports_dir: Path,
     refs = task_reference or {}
     figdir = reports_dir / "figures"
     by_suite: dict[str, list[dict]] = {}
+    errata = _load_errata(results_dir)
     for rec in load_records(results_dir) if results_dir.exists() else []:
+        _mark_erratum(rec, results_dir, errata)
         by_suite.setdefault(_suite_of(rec, results_dir), []).append(rec)
     written: list[Path] = []
     for suite, recs in sorted(by_suite.items()):
         md = [f"# {suite}\n", f"Rendered from {len(recs)} record(s) under `results/{suite}/`; "
               "regenerate with `python run_all.py --report`.\n"]
+        md += _errata_section(recs, errata)
         runs = [r for r in recs if r["kind"] != "kernel_sweep"]
         sweeps = [r for r in recs if r["kind"] == "kernel_sweep"]
         if runs:

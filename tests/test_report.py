@@ -222,3 +222,19 @@ def test_spion_figures(spion_rendered):
             assert p in written and p.stat().st_size > 1000
         assert f"(figures/{stem}.png)" in md
     assert not (tmp / "r" / "figures" / "lra_small_lra_listops_spion_c_s0_layouts.png").exists()
+
+
+def test_errata_label_affected_records(tmp_path):
+    import json
+
+    results = tmp_path / "results"
+    rec = _run("listops", "dense", 0, 37.0)
+    name = record_filename("listops", "dense", "small", 0, rec.config_hash)
+    write_record(rec, results / "lra" / name)
+    (results / "errata.json").write_text(json.dumps(
+        [{"id": 7, "records": [f"lra/{name}"], "affects": "timings", "note": "mask was materialised"}]))
+    render_reports(results, tmp_path / "rep")
+    md = (tmp_path / "rep" / "lra.md").read_text()
+    assert "**erratum 7** (timings): mask was materialised" in md
+    assert "dense [sdpa; erratum 7]" in md
+    assert json.loads((results / "lra" / name).read_text())["method_info"]["variant"] == "sdpa"  # record untouched
