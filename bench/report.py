@@ -603,6 +603,13 @@ def _mark_erratum(rec: dict, results_dir: Path, errata: list[dict]) -> None:
             rec["_erratum"] = e["id"]
 
 
+def _missing_tasks(recs: list[dict], tasks: dict[str, str | None]) -> list[str]:
+    have = {r["task"] for r in recs}
+    lines = [f"- `{t}`: " + (f"data not available ({why})" if why else "not run yet")
+             for t, why in sorted(tasks.items()) if t not in have]
+    return ["Tasks of this suite without records:\n", *lines, ""] if lines else []
+
+
 def _errata_section(recs: list[dict], errata: list[dict]) -> list[str]:
     ids = sorted({r["_erratum"] for r in recs if "_erratum" in r})
     if not ids:
@@ -615,8 +622,12 @@ def _errata_section(recs: list[dict], errata: list[dict]) -> list[str]:
 
 
 def render_reports(results_dir: Path, reports_dir: Path,
-                   task_reference: dict[str, dict[str, float]] | None = None) -> list[Path]:
-    """Render every record under ``results_dir`` into ``reports_dir``; returns the written paths."""
+                   task_reference: dict[str, dict[str, float]] | None = None,
+                   suite_tasks: dict[str, dict[str, str | None]] | None = None) -> list[Path]:
+    """Render every record under ``results_dir`` into ``reports_dir``; returns the written paths.
+
+    ``suite_tasks`` (suite -> task -> reason its data is unavailable, or None) lets a report name the
+    suite's tasks that have no records, and why, instead of silently leaving them out."""
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
     refs = task_reference or {}
     figdir = reports_dir / "figures"
@@ -630,6 +641,7 @@ def render_reports(results_dir: Path, reports_dir: Path,
         md = [f"# {suite}\n", f"Rendered from {len(recs)} record(s) under `results/{suite}/`; "
               "regenerate with `python run_all.py --report`.\n"]
         md += _errata_section(recs, errata)
+        md += _missing_tasks(recs, (suite_tasks or {}).get(suite, {}))
         runs = [r for r in recs if r["kind"] != "kernel_sweep"]
         sweeps = [r for r in recs if r["kind"] == "kernel_sweep"]
         if runs:

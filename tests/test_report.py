@@ -238,3 +238,14 @@ def test_errata_label_affected_records(tmp_path):
     assert "**erratum 7** (timings): mask was materialised" in md
     assert "dense [sdpa; erratum 7]" in md
     assert json.loads((results / "lra" / name).read_text())["method_info"]["variant"] == "sdpa"  # record untouched
+
+
+def test_tasks_without_records_are_named(tmp_path):
+    results = tmp_path / "results"
+    rec = _run("listops", "dense", 0, 37.0)
+    write_record(rec, results / "lra" / record_filename("listops", "dense", "small", 0, rec.config_hash))
+    render_reports(results, tmp_path / "rep", suite_tasks={"lra": {"listops": None, "retrieval": "no AAN files",
+                                                                   "image": None}})
+    md = (tmp_path / "rep" / "lra.md").read_text()
+    assert "- `retrieval`: data not available (no AAN files)" in md
+    assert "- `image`: not run yet" in md and "- `listops`" not in md
