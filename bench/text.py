@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import lzma
+import os
 from pathlib import Path
 
 from bench.errors import DataUnavailable
@@ -63,24 +64,33 @@ def train_bpe(text: str, vocab_size: int, min_frequency: int = 2):
     Special tokens: ``<pad>`` = 0, ``<eos>`` = 1 (the tokenizer never emits them from text). The training
     input is split into lines (each keeping its newline) so the trainer sees the same sequence every time.
     """
+    return train_bpe_pieces(text.splitlines(keepends=True), vocab_size, min_frequency, BPE_SPECIAL_TOKENS)
+
+
+def train_bpe_pieces(pieces: list[str], vocab_size: int, min_frequency: int = 2,
+                     specials: tuple[str, ...] = BPE_SPECIAL_TOKENS, add_prefix_space: bool = False):
+    """Byte-level BPE trained on ``pieces`` (lines, sentences, documents); ``specials`` get ids 0, 1, ...
+
+    Cached under ``cache_dir("tokenizers", <hash of the pieces and every parameter>)``, so every run, method
+    and seed of a task shares one tokenizer; deterministic across processes. ``add_prefix_space`` (GPT-2
+    style) makes a text-initial word tokenize like any other word.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    key = text_hash(f"bpe-v{BPE_VERSION}", str(vocab_size), str(min_frequency), text)
+    key = text_hash(f"bpe-v{BPE_VERSION}", str(vocab_size), str(min_frequency), "|".join(specials),
+                    str(add_prefix_space), *pieces)
     path = cache_dir("tokenizers", key) / "tokenizer.json"
     if path.is_file():
         return Tokenizer.from_file(str(path))
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=min_frequency,
-        special_tokens=list(BPE_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(specials),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer, length=None)
-    tmp = path.with_suffix(".tmp")
+    tok.train_from_iterator(pieces, trainer=trainer, length=len(pieces))
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
     tok.save(str(tmp))
     tmp.replace(path)  # atomic: concurrent runs never read a half-written file
     return tok

@@ -13,7 +13,6 @@ Sources get EOS appended (fairseq convention); targets are ``BOS y`` in and ``y 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -21,12 +20,11 @@ import torch
 
 from bench.errors import DataUnavailable
 from bench.models.seq2seq import Seq2SeqConfig, Seq2SeqTransformer, label_smoothed_nll
-from bench.paths import cache_dir
+from bench.text import train_bpe_pieces
 from bench.task import Task
 
 PAD, BOS, EOS = 0, 1, 2
 SPECIALS = ("<pad>", "<s>", "</s>")
-BPE_RECIPE_VERSION = 1  # bump when train_seq2seq_bpe changes (invalidates cached tokenizers)
 
 
 @dataclass(frozen=True)
@@ -47,35 +45,10 @@ class Seq2SeqDataConfig:
     src_pad_multiple: int = 0  # pad source batches to a multiple of this length (block-sparse layouts); 0 = off
 
 
-def _bpe_key(texts: list[str], vocab_size: int, min_frequency: int, specials: tuple[str, ...]) -> str:
-    h = hashlib.sha256(f"s2s-bpe-v{BPE_RECIPE_VERSION}|{vocab_size}|{min_frequency}|{'|'.join(specials)}".encode())
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
 def train_seq2seq_bpe(texts: list[str], vocab_size: int, min_frequency: int = 2, specials: tuple[str, ...] = SPECIALS):
-    """Byte-level BPE (GPT-2 style, prefix space added so a sentence-initial word is tokenized like any other;
-    lossless decoding) trained on ``texts``; ``specials`` get ids 0, 1, ... Cached by a hash of the texts and
-    parameters, so every run, method and seed of a task shares one tokenizer. Deterministic."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    path = cache_dir("tokenizers", _bpe_key(texts, vocab_size, min_frequency, specials)) / "tokenizer.json"
-    if path.is_file():
-        return Tokenizer.from_file(str(path))
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(specials),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    tmp = path.with_suffix(f".tmp{id(tok)}")
-    tok.save(str(tmp))
-    tmp.replace(path)  # atomic: concurrent runs never read a half-written file
-    return tok
+    """Joint byte-level BPE for source and target (prefix space added, lossless decoding); see
+    ``bench.text.train_bpe_pieces``."""
+    return train_bpe_pieces(texts, vocab_size, min_frequency, specials, add_prefix_space=True)
 
 
 def encode_texts(tokenizer, texts: list[str], max_len: int, append_eos: bool) -> list[list[int]]:
