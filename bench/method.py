@@ -77,6 +77,11 @@ class Method:
         self.cores.append(core)
         return core
 
+    def make_encoder_pooler(self, layer: int, d_model: int, max_len: int) -> nn.Module | None:
+        """Token-dropping methods (top-k pooling / Pyramidion): a module run after encoder layer ``layer`` as
+        ``x, mask = pooler(x, mask)`` that may shorten the sequence (``bench/models/seq2seq.py``). None = keep."""
+        return None
+
     # ---- hooks (all optional) -------------------------------------------------------------
     def on_train_start(self, trainer: "Trainer") -> None: ...
 

@@ -18,8 +18,8 @@ flex cores do (``tests/models/test_seq2seq.py`` checks cached == full recompute 
 Decoder self-attention gets no key-padding mask: targets are right-padded, so with the causal mask a real
 query never sees a padding key (padded query rows are ignored by the loss).
 
-Optional encoder pooling hook (token-dropping methods such as Pyramidion/top-k pooling): if the method has
-``make_encoder_pooler(layer, d_model, max_len)`` returning a module (or None), that module runs after encoder
+Encoder pooling hook (token-dropping methods such as Pyramidion/top-k pooling): when the method's
+``make_encoder_pooler(layer, d_model, max_len)`` (``bench/method.py``) returns a module, it runs after encoder
 layer ``layer`` as ``x, mask = pooler(x, mask)`` and may shorten the sequence; the decoder cross-attends to
 what comes out (with its mask).
 """
@@ -152,8 +152,7 @@ class Seq2SeqTransformer(nn.Module):
                        cfg.dropout)
             for i in range(cfg.n_enc_layers)
         )
-        make_pooler = getattr(method, "make_encoder_pooler", None)
-        poolers = [make_pooler(i, d, cfg.max_src_len) if make_pooler else None for i in range(cfg.n_enc_layers)]
+        poolers = [method.make_encoder_pooler(i, d, cfg.max_src_len) for i in range(cfg.n_enc_layers)]
         self.poolers = nn.ModuleList(p if p is not None else nn.Identity() for p in poolers)
         self._has_pooler = [p is not None for p in poolers]
         self.enc_ln = nn.LayerNorm(d)
