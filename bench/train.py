@@ -6,7 +6,6 @@ calibration pass or a distillation loss never needs an edit here. ``Trainer.run(
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import random
 import time

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -90,7 +90,6 @@ class _Flex:
         from torch.nn.attention.flex_attention import BlockMask
 
         lay = layout.to(device).expand(H, -1, -1)  # (H, nb, nb)
-        nb = lay.shape[-1]
         counts = lay.sum(-1).to(torch.int32)  # (H, nb)
         order = torch.argsort((~lay).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # kept first
         counts, order = counts[None].expand(B, -1, -1).contiguous(), order[None].expand(B, -1, -1, -1).contiguous()

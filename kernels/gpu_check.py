@@ -19,16 +19,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 import traceback
 
 import torch
 
 from kernels import block_sparse_attention, attention_stats, random_layout
-from kernels import block_sparse_attention as bsa_mod_fn  # noqa: F401
 from kernels.block_sparse_attention import (
-    _BWD_DKV_CFG, _BWD_DQ_CFG, _FWD_CFG, _triton_backward, _triton_forward, block_sparse_attention_reference,
+    _triton_backward, _triton_forward, block_sparse_attention_reference,
 )
 from kernels.layout import get_lut
 

@@ -8,7 +8,6 @@ only, variable length), which is exact and is what a user would do.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

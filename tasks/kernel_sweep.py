@@ -8,7 +8,8 @@ Override the grid with ``sweep.<field>=...`` (e.g. ``sweep.lengths=4096,16384``)
 """
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
 import time
 
 from bench import env as envmod
@@ -42,9 +43,6 @@ class KernelSweep:
         with tqdm(total=n, desc="kernel sweep", disable=not self.progress) as bar:
             rows = run_sweep(cfg, self.device, progress=bar, log=(lambda s: None) if self.progress else print)
         config = {"task": "kernel_sweep", "scale": self.scale, "seed": self.seed, "sweep": to_dict(cfg)}
-        import hashlib
-        import json
-
         chash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
         return RunRecord(
             kind="kernel_sweep", task="kernel_sweep", method="block_sparse_triton", scale=self.scale, seed=self.seed,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.models.lra_encoder import LRAEncoder
+from bench.models.lra_encoder import LRAEncoder, LRAModelConfig
 from bench.task import Task
 
 
@@ -28,6 +28,7 @@ class LRASplit:
 
 
 class LRAClassificationTask(Task):
+    ModelConfig = LRAModelConfig
     METRICS = {"accuracy": True}
     MAIN_METRIC = "accuracy"
     SPLITS = ("train", "dev", "test")

@@ -227,7 +227,6 @@ LRA_ORIGINAL = (
 
 @register_task("lra_image", suite="lra")
 class Image(LRAClassificationTask):
-    ModelConfig = LRAModelConfig
     DataConfig = ImageDataConfig
     REFERENCE = {"LRA paper Transformer": 42.44, "Skyformer self-attn": 40.57, "Nystromformer standard": 38.20}
 

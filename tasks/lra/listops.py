@@ -297,7 +297,6 @@ LRA_ORIGINAL = (
 
 @register_task("lra_listops", suite="lra")
 class ListOps(LRAClassificationTask):
-    ModelConfig = LRAModelConfig
     DataConfig = ListOpsDataConfig
     REFERENCE = {"LRA paper Transformer": 36.37, "Skyformer self-attn": 38.37, "Nystromformer standard": 37.10}
 

@@ -398,7 +398,6 @@ LRA_ORIGINAL = (
 
 @register_task("lra_pathfinder", suite="lra")
 class Pathfinder(LRAClassificationTask):
-    ModelConfig = LRAModelConfig
     DataConfig = PathfinderDataConfig
     REFERENCE = {"LRA paper Transformer": 71.40, "Skyformer self-attn": 65.26, "Nystromformer standard": 74.16}
 

@@ -108,7 +108,6 @@ LRA_ORIGINAL = (
 
 @register_task("lra_retrieval", suite="lra")
 class Retrieval(LRAClassificationTask):
-    ModelConfig = LRAModelConfig
     DataConfig = RetrievalDataConfig
     REFERENCE = {"LRA paper Transformer": 57.46, "Skyformer self-attn": 80.69, "Nystromformer standard": 79.35}
 

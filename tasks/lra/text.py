@@ -202,7 +202,6 @@ LRA_ORIGINAL = (
 
 @register_task("lra_text", suite="lra")
 class Text(LRAClassificationTask):
-    ModelConfig = LRAModelConfig
     DataConfig = TextDataConfig
     REFERENCE = {"LRA paper Transformer": 64.27, "Skyformer self-attn": 61.95, "Nystromformer standard": 65.02}
 
