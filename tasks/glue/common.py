@@ -48,6 +48,7 @@ from bench.models.hf_bert import (MINILM, BertScratchConfig, HFBertClassifier, i
                                   load_bert_encoder)
 from bench.task import Task
 from bench.text import find_file, read_text
+from bench import hub
 
 
 # ---- the task table ---------------------------------------------------------------------------------------
@@ -204,9 +205,7 @@ def load_glue_offline(data_dir: Path, spec: GlueSpec) -> dict[str, tuple[list, l
 
 def load_glue_online(spec: GlueSpec) -> dict[str, tuple[list, list]]:
     try:
-        import datasets
-
-        ds = datasets.load_dataset("nyu-mll/glue", spec.hf_config)
+        ds = hub.load_dataset("nyu-mll/glue", spec.hf_config)
     except Exception as e:  # offline, hub errors
         raise DataUnavailable(
             f"GLUE {spec.dir}: offline and no --data-dir ({type(e).__name__}); pass --data-dir D with "

@@ -50,6 +50,7 @@ from bench.models.decoder import DecoderConfig, GPTDecoder
 from bench.registry import register_task
 from bench.task import Task
 from bench.text import encode_lines, find_file, read_text, train_bpe
+from bench import hub
 
 SPLIT_FILES = {"train": "train", "dev": "valid", "test": "test"}
 IGNORE = -100
@@ -193,9 +194,7 @@ class WikiText2(Task):
         if config is None:
             raise BenchError(f"data.variant={dc.variant!r}: valid are v1, raw")
         try:
-            import datasets
-
-            ds = datasets.load_dataset("Salesforce/wikitext", config)
+            ds = hub.load_dataset("Salesforce/wikitext", config)
             hf_split = {"train": "train", "dev": "validation", "test": "test"}
             return {s: "".join(r if r.endswith("\n") else r + "\n" for r in ds[hf_split[s]]["text"]) for s in SPLIT_FILES}
         except Exception as e:  # offline, hub errors, ...

@@ -6,7 +6,7 @@ Source
     ``train/`` + ``test/`` directly). The archive is extracted once into ``cache_dir("lra", "image")`` and read
     with Hugging Face ``datasets``' ``imagefolder`` builder, offline (labels = alphabetical class folders =
     CIFAR ids 0 airplane ... 9 truck, checked by name). Without ``--data-dir`` (or ``data.source=hf``):
-    ``datasets.load_dataset("cifar10")``; offline -> ``DataUnavailable``. The grayscale arrays are cached.
+    ``hub.load_dataset("cifar10")``; offline -> ``DataUnavailable``. The grayscale arrays are cached.
     **The shared copy is JPEG quality 75 (lossy)**: labels and splits are exact, pixels are not (mean PSNR
     30.5 dB); results on it are self-consistent but not numerically comparable with published LRA Image
     numbers. Runs on it carry a note saying so.
@@ -48,6 +48,7 @@ from bench.config import TrainConfig
 from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
+from bench import hub
 from tasks.lra import _bytes
 from tasks.lra.common import LRAClassificationTask, LRASplit
 
@@ -159,9 +160,7 @@ def _read_imagefolder(root: Path, origin: Path) -> dict[str, tuple[np.ndarray, n
 
 def _read_hf() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     try:
-        import datasets
-
-        ds = datasets.load_dataset("cifar10")
+        ds = hub.load_dataset("cifar10")
         out = {}
         for split in ("train", "test"):
             col = "img" if "img" in ds[split].column_names else "image"

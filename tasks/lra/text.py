@@ -4,7 +4,7 @@ Source
     ``--data-dir D`` with ``D/lra_text_imdb/`` holding one of: ``aclImdb_train.tar.xz`` + ``aclImdb_test.tar.xz``
     (the shared collection's copy), the original ``aclImdb_v1.tar.gz``, or an extracted ``aclImdb/`` directory
     (``{train,test}/{pos,neg}/<id>_<rating>.txt``; ``unsup/`` ignored). Without it (or with ``data.source=hf``):
-    Hugging Face ``datasets.load_dataset("imdb")`` (the same reviews); offline -> ``DataUnavailable``.
+    Hugging Face ``hub.load_dataset("imdb")`` (the same reviews); offline -> ``DataUnavailable``.
     The decoded review bytes are cached (``cache_dir("lra", "text")``, keyed by the source files' identity).
 
 Preprocessing
@@ -42,6 +42,7 @@ from bench.config import TrainConfig
 from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
+from bench import hub
 from tasks.lra import _bytes
 from tasks.lra.common import LRAClassificationTask, LRASplit
 
@@ -119,9 +120,7 @@ def _read_files(kind: str, paths: list[Path]) -> dict[str, list[tuple[bytes, int
 
 def _read_hf() -> dict[str, list[tuple[bytes, int]]]:
     try:
-        import datasets
-
-        ds = datasets.load_dataset("imdb")
+        ds = hub.load_dataset("imdb")
         return {s: [(t.encode("utf-8"), int(y)) for t, y in zip(ds[s]["text"], ds[s]["label"])] for s in ("train", "test")}
     except Exception as e:  # offline, hub error, ...
         raise DataUnavailable(

@@ -37,6 +37,7 @@ from bench.errors import DataUnavailable
 from bench.models.seq2seq import Seq2SeqConfig
 from bench.registry import register_task
 from bench.text import find_file, read_text
+from bench import hub
 from tasks.mt import Seq2SeqDataConfig, Seq2SeqTask
 
 MULTI30K_SPLITS = {"train": "train", "dev": "val"}
@@ -170,9 +171,7 @@ class Multi30kTranslation(Seq2SeqTask):
         name, config, split_map = HF_NAMES.get(d.corpus, (d.hf_dataset, None, {"train": "train", "dev": "validation", "test": "test"}))
         name, config = d.hf_dataset or name, d.hf_config or config
         try:
-            import datasets
-
-            ds = datasets.load_dataset(name, config, split=split_map[split]) if config else datasets.load_dataset(name, split=split_map[split])
+            ds = hub.load_dataset(name, config, split=split_map[split]) if config else hub.load_dataset(name, split=split_map[split])
         except Exception as e:  # network, hub or format errors: one clear line
             raise DataUnavailable(
                 f"HF dataset {name}{'/' + config if config else ''} split {split_map[split]}: could not be loaded "

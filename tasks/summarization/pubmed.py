@@ -25,6 +25,7 @@ from pathlib import Path
 from bench.errors import DataUnavailable
 from bench.registry import register_task
 from bench.text import find_file, read_text
+from bench import hub
 from tasks.summarization.common import SummarizationDataConfig, SummarizationTask
 
 SPLIT_FILES = {"train": ("train.txt",), "dev": ("val.txt", "validation.txt"), "test": ("test.txt",)}
@@ -107,9 +108,7 @@ class CohanSummarization(SummarizationTask):
     def _load_online(self, split: str):
         name = self.cfg.data.hf_dataset
         try:
-            import datasets
-
-            ds = datasets.load_dataset(name, split=HF_SPLITS[split])
+            ds = hub.load_dataset(name, split=HF_SPLITS[split])
         except Exception as e:  # network, hub or format errors: one clear line
             raise DataUnavailable(
                 f"HF dataset {name} split {HF_SPLITS[split]}: could not be loaded ({type(e).__name__}: {str(e)[:200]}); "
