@@ -38,6 +38,11 @@ CHANCE_MARGIN = 2.0
 
 # ----------------------------------------------------------------------------- formatting helpers
 
+
+def _color(i: int):
+    """Distinct colours for up to 20 series (the default cycle repeats after 10)."""
+    return f"C{i}" if i < 10 else matplotlib.colormaps["tab20"](2 * (i % 10) + 1)  # light twin of C(i-10)
+
 def _isnan(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
@@ -230,7 +235,7 @@ def _efficiency(t: pd.DataFrame) -> str:
 def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list[Path]:
     tasks = sorted(df.task.unique())
     labels = sorted(df.label.unique())
-    colors = {lab: f"C{i % 10}" for i, lab in enumerate(labels)}
+    colors = {lab: _color(i) for i, lab in enumerate(labels)}
     written = []
     # main metric, one panel per task (metrics differ in units), one bar per method
     fig = Figure(figsize=(max(4.0, 2.6 * len(tasks)), 3.4), layout="constrained")
@@ -287,10 +292,10 @@ def _step_vs_length(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> li
     ax = fig.subplots()
     handles = []
     for i, (label, g) in enumerate(p.groupby("label", sort=True)):
-        ax.plot(g.L, g.ratio, "-", lw=0.8, color=f"C{i % 10}")
+        ax.plot(g.L, g.ratio, "-", lw=0.8, color=_color(i))
         for row in g.itertuples():
-            ax.plot(row.L, row.ratio, markers[row.task], color=f"C{i % 10}", ms=5)
-        handles.append(Line2D([], [], color=f"C{i % 10}", label=label))
+            ax.plot(row.L, row.ratio, markers[row.task], color=_color(i), ms=5)
+        handles.append(Line2D([], [], color=_color(i), label=label))
     handles += [Line2D([], [], ls="", marker=m, color="k", label=task) for task, m in markers.items()]
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xscale("log", base=2)
@@ -493,9 +498,9 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
             if g.empty:
                 continue
             if pat == "dense":
-                ax.axhline(g[t].min(), ls="--", lw=1, color=f"C{i % 10}", label=f"{kern} ({pat})")
+                ax.axhline(g[t].min(), ls="--", lw=1, color=_color(i), label=f"{kern} ({pat})")
             else:
-                ax.plot(g.density, g[t], "o-", color=f"C{i % 10}", label=f"{kern} ({pat})")
+                ax.plot(g.density, g[t], "o-", color=_color(i), label=f"{kern} ({pat})")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("density (kept blocks)")
@@ -506,18 +511,32 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
 
 
 def _speedup_vs_length(g: pd.DataFrame, title: str) -> Figure:
-    """Speedup of one block-sparse kernel over the best dense kernel vs L, a line per (D, pattern, nominal density)."""
-    fig = Figure(figsize=(8, 3.4), layout="constrained")
-    for ax, t in zip(fig.subplots(1, 2), TIMES):
-        for (D, pat, d), line in g.groupby(["D", "pattern", "density_target"], sort=True):
-            line = line.dropna(subset=[f"x_dense_{t}"]).sort_values("L")
-            if len(line):
-                ax.plot(line.L, line[f"x_dense_{t}"], "o-", label=f"D={D} {pat} d={d:.3g}")
-        ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length L")
-        ax.set_ylabel(f"{_tname(t)} speedup over best dense")
-        ax.legend(fontsize=6)
+    """Speedup of one block-sparse kernel over the best dense kernel vs L: a panel per (pass, D), a line per
+    (pattern, nominal density); log y so that the slowdowns (< 1) stay readable."""
+    dims = sorted(g.D.unique())
+    fig = Figure(figsize=(4.2 * len(dims) + 2.2, 6.4), layout="constrained")
+    axes = fig.subplots(2, len(dims), squeeze=False, sharex=True)
+    series = sorted(set(zip(g.pattern, g.density_target)))
+    style = {s: (_color(i), {"random": "o", "local": "s", "bigbird": "^", "dense": "x"}.get(s[0], "d"))
+             for i, s in enumerate(series)}
+    for row, t in enumerate(TIMES):
+        for col, D in enumerate(dims):
+            ax = axes[row][col]
+            for (pat, d), line in g[g.D == D].groupby(["pattern", "density_target"], sort=True):
+                line = line.dropna(subset=[f"x_dense_{t}"]).sort_values("L")
+                if len(line):
+                    color, marker = style[(pat, d)]
+                    ax.plot(line.L, line[f"x_dense_{t}"], "-", marker=marker, ms=4, lw=1, color=color)
+            ax.axhline(1.0, color="k", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{_tname(t)}, D={D}", fontsize=9)
+            if row == 1:
+                ax.set_xlabel("sequence length L")
+            if col == 0:
+                ax.set_ylabel("speedup over best dense")
+    handles = [Line2D([], [], color=c, marker=m, label=f"{pat} d={d:.3g}") for (pat, d), (c, m) in style.items()]
+    fig.legend(handles=handles, loc="outside right center", fontsize=7, title="pattern, density", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 
