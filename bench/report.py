@@ -351,6 +351,10 @@ def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float) -> dict:
         "sparse / fastest fixed (its density)": NA if sparse_ms is None or _isnan(fixed_ms) else
         f"{_ratio(sparse_ms / fixed_ms)} (d={_num(fixed_d, NA)})",
         "best ckpt (phase @ step)": best, "test attention": info.get("tested_with", NA),
+        # the Trainer also tests every other phase's best checkpoint (pitfall 12): "main metric, phase ckpt"
+        "test with other phase's best": ", ".join(
+            f"{_num(v)} ({k.rsplit('_best_', 1)[1]})" for k, v in sorted(r.metrics.items())
+            if k.startswith(f"{r.main_metric}_best_")) or NA,
     }
 
 

@@ -113,6 +113,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(enabled=(tc.amp == "fp16" and self.device.type == "cuda"))
         main, hib = task.MAIN_METRIC, task.METRICS[task.MAIN_METRIC]
         best_val, best_state, best_step, best_dev = None, None, -1, {}
+        best_by_phase: dict[str, tuple] = {}  # phase -> (dev value, step, CPU copy of the weights)
         timer, mem = StepTimer(self.device, tc.timing_warmup_steps), PeakMemory(self.device)
         batches = task.train_batches(gen)
         method.on_train_start(self)
@@ -159,16 +160,25 @@ class Trainer:
                                      "phase": self.phase, **{f"dev_{k}": v for k, v in dev.items()}})
                 bar.set_postfix(loss=f"{train_loss:.3f}", **{main: f"{dev[main]:.3f}"})
                 val = dev[main]
-                if best_val is None or (val > best_val if hib else val < best_val):
-                    best_val, best_step, best_dev = val, step + 1, dev
-                    best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                    best_phase = self.phase
+                better = lambda a, b: b is None or (a > b if hib else a < b)  # noqa: E731
+                if better(val, best_by_phase.get(self.phase, (None,))[0]):
+                    state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                    best_by_phase[self.phase] = (val, step + 1, state)
+                    if better(val, best_val):
+                        best_val, best_step, best_dev, best_state, best_phase = val, step + 1, dev, state, self.phase
         bar.close()
         steps_run = tc.steps
         measurements = {**timer.summary(), **mem.summary()}
         if best_state is not None:
             model.load_state_dict(best_state)
         test = self.evaluate("test")
+        # A run with phases (e.g. SPION dense -> sparse) also tests each other phase's best checkpoint, with the
+        # attention the method has at the end: the overall best may predate the switch (spion.md pitfall 12).
+        self.phase_tests = {}
+        for phase, (val, step_, state) in sorted(best_by_phase.items()):
+            if state is not None and phase != best_phase:
+                model.load_state_dict(state)
+                self.phase_tests[phase] = {"step": step_, "dev": val, "test": self.evaluate("test")}
         measurements.update(self._throughput())
         return self._record(test, best_dev, best_step, best_phase if best_state is not None else None,
                             steps_run, measurements, time.perf_counter() - t_start)
@@ -208,6 +218,12 @@ class Trainer:
         if self.events:
             info["events"] = self.events
         info["best_checkpoint"] = {"step": best_step, "phase": best_phase}
+        for phase, res in getattr(self, "phase_tests", {}).items():
+            for k, v in res["test"].items():
+                if k in task.METRICS:
+                    metrics[f"{k}_best_{phase}"] = float(v)
+                    higher[f"{k}_best_{phase}"] = task.METRICS[k]
+            info.setdefault("best_checkpoint_by_phase", {})[phase] = {"step": res["step"], "dev": res["dev"]}
         budget = {
             "main_metric": task.MAIN_METRIC,
             "steps_run": steps_run,
