@@ -81,3 +81,17 @@ def test_sweep_resumes_after_kill_and_reports(tmp_path):
     before = md
     assert run_all("--report", "--out", str(out), "--reports-dir", str(reports)).returncode == 0
     assert (reports / "lra.md").read_text() == before
+
+
+def test_lra_suite_runs_what_it_can_and_says_why_it_skips(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "run_all.py", "--suite", "lra", "--methods", "dense", "--no-progress",
+                        "--out", str(tmp_path / "r"), "--reports-dir", str(tmp_path / "rep"),
+                        "train.steps=4", "train.eval_every=2", "data.n_train=64", "data.n_dev=32", "data.n_test=32"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    skips = [line for line in r.stdout.splitlines() if line.startswith("skip ")]
+    assert sorted(line.split(":")[0] for line in skips) == ["skip lra_image", "skip lra_retrieval", "skip lra_text"]
+    assert all("--data-dir" in line for line in skips)
+    assert {p.name.split("__")[0] for p in (tmp_path / "r" / "lra").glob("*.json")} == {"lra_listops", "lra_pathfinder"}
+    assert "data not available" in (tmp_path / "rep" / "lra.md").read_text()
