@@ -17,6 +17,7 @@ from typing import Any
 from bench.errors import BenchError
 
 SCHEMA_VERSION = 1
+NOT_RECORDS = {"errata.json"}  # files under results/ that annotate records rather than being one
 
 REQUIRED = {
     "schema_version": int,
@@ -136,7 +137,7 @@ def load_records(root: Path, strict: bool = False) -> list[dict]:
     warning unless ``strict``."""
     out = []
     for p in sorted(Path(root).rglob("*.json")):
-        if p.name.startswith("."):
+        if p.name.startswith(".") or p.name in NOT_RECORDS:
             continue
         try:
             rec = read_record(p)
