@@ -189,7 +189,10 @@ def _main(args) -> int:
     device = resolve_device(args.device)
     scale = args.scale if args.scale != "auto" else ("small" if device.type == "cuda" else "tiny")
     tasks, explicit = resolve_tasks(args.suite, args.tasks)
-    methods = [parse_method_spec(m) for m in args.methods] if args.methods else default_methods(args.suite)
+    # without --methods each task gets the dense baselines plus the methods made for its own suite
+    suites_used = sorted({registry.get_task(t).suite or "" for t in tasks})
+    methods = [parse_method_spec(m) for m in args.methods] if args.methods else list(dict.fromkeys(
+        m for s in suites_used for m in default_methods(s)))
     for m in methods:
         registry.get_method(m.name)
     check_overrides(args.overrides, methods)
@@ -212,7 +215,12 @@ def _main(args) -> int:
                     raise BenchError(f"{t}: {reason}")
                 skipped.append((t, reason))
                 continue
-        task_methods = [MethodSpec(t)] if getattr(task_cls, "KIND", "run") != "run" else methods
+        if getattr(task_cls, "KIND", "run") != "run":
+            task_methods = [MethodSpec(t)]
+        elif args.methods:
+            task_methods = methods
+        else:
+            task_methods = [m for m in default_methods(task_cls.suite) if m in methods]
         for m in task_methods:
             for seed in args.seeds:
                 cfg = build_run_config(t, m, scale, seed, device, args.overrides) if m.name != t else None
