@@ -61,27 +61,35 @@ class SDPACore(AttentionCore):
         return sdpa_kernel([getattr(SDPBackend, _BACKENDS[self.backend])])
 
     def forward(self, q, k, v, key_padding_mask=None):
-        Lq, Lk = q.shape[2], k.shape[2]
-        causal = self.spec.causal and Lq > 1  # one new query (KV-cache decoding) sees every cached key
-        if key_padding_mask is not None and bool(key_padding_mask.all()):
-            key_padding_mask = None  # no padding in this batch: let every backend run maskless
         with self._ctx():
-            if key_padding_mask is None and (not causal or Lq == Lk):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            if self.backend == "flash" and Lq == Lk and not causal:
+            if (self.backend == "flash" and not self.spec.causal and key_padding_mask is not None
+                    and q.shape[2] == k.shape[2] and not bool(key_padding_mask.all())):
                 return _sdpa_jagged(q, k, v, key_padding_mask)
-            # Broadcast masks only: a materialised (B, 1, Lq, Lk) mask made SDPA read O(L^2) bytes and ran
-            # padded dense baselines ~40 % slower (results/errata.json). Causal with Lq != Lk: the queries are
-            # the last Lq positions (bottom-right aligned diagonal).
-            mask = None
-            if causal:
-                mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)[None, None]
-            if key_padding_mask is not None:
-                kpm = key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
-                mask = kpm if mask is None else mask & kpm
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            # rows with no visible key come back NaN from some backends; they are padding queries
-            return out.nan_to_num(0.0)
+            return masked_sdpa(q, k, v, key_padding_mask, self.spec.causal)
+
+
+def masked_sdpa(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
+    """SDPA with key padding (B, Lk) and/or causality, under whatever backend context the caller set.
+
+    Broadcast masks only: a materialised (B, 1, Lq, Lk) mask made SDPA read O(L^2) bytes and ran padded
+    dense baselines ~40 % slower (results/errata.json). Causal with Lq != Lk: the queries are the last Lq
+    positions (bottom-right aligned diagonal); one new query (KV-cache decoding) sees every cached key.
+    """
+    Lq, Lk = q.shape[2], k.shape[2]
+    causal = causal and Lq > 1
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None  # no padding in this batch: let every backend run maskless
+    if key_padding_mask is None and (not causal or Lq == Lk):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
+    mask = None
+    if causal:
+        mask = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(diagonal=Lk - Lq)[None, None]
+    if key_padding_mask is not None:
+        kpm = key_padding_mask[:, None, None, :]  # (B, 1, 1, Lk)
+        mask = kpm if mask is None else mask & kpm
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+    # rows with no visible key come back NaN from some backends; they are padding queries
+    return out.nan_to_num(0.0)
 
 
 def _sdpa_jagged(q, k, v, key_padding_mask):

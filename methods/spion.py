@@ -30,6 +30,7 @@ from bench.errors import BenchError
 from bench.method import AttentionCore, AttentionSpec, Method
 from bench.registry import register_method
 from kernels import AttentionStatsAccumulator, block_sparse_attention, layout_density
+from methods.dense import masked_sdpa
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -244,12 +245,8 @@ class SpionCore(AttentionCore):
         if self.training and self.capture:  # phase A check step: mean_{b,h} softmax, no dropout
             self.capture = False  # only the first call of the step (Retrieval: document 0, as the original)
             self.stats.update(q, k, key_padding_mask)
-        if key_padding_mask is not None and bool(key_padding_mask.all()):
-            key_padding_mask = None  # no padding in this batch: let SDPA pick a maskless kernel
-        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]  # (B, 1, 1, L)
         p_drop = self.cfg.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
-        return out.nan_to_num(0.0) if mask is not None else out  # an all-padding row -> 0, not NaN
+        return masked_sdpa(q, k, v, key_padding_mask, dropout_p=p_drop)  # the dense baseline's SDPA path
 
 
 # ---- the method --------------------------------------------------------------------------------------------
