@@ -89,8 +89,10 @@ def resolve_tasks(suite: str | None, tasks: list[str] | None) -> tuple[list[str]
     if tasks:
         out = []
         for t in tasks:
-            if t not in registry.TASKS and suite and f"{suite}_{t}" in registry.TASKS:
-                t = f"{suite}_{t}"
+            if t not in registry.TASKS and suite:  # short name: the suite's task whose name ends in _<t>
+                hits = [n for n in (registry.suite_tasks(suite) if suite != "all" else registry.TASKS)
+                        if n == f"{suite}_{t}" or n.endswith(f"_{t}")]
+                t = hits[0] if len(hits) == 1 else t
             registry.get_task(t)
             if suite and suite != "all" and t not in registry.suite_tasks(suite):
                 raise BenchError(f"task {t!r} is not in suite {suite!r}; its tasks: {', '.join(registry.suite_tasks(suite))}")

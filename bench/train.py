@@ -141,7 +141,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
             scaler.step(self.optimizer)
             scaler.update()
-            self.scheduler.step()
+            step_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used; after the last step
+            self.scheduler.step()                            # OneCycle extrapolates past its end (< 0)
             timer.stop(handle, self.phase)
             loss_acc += loss.detach().float()
             loss_n += 1
@@ -156,7 +157,7 @@ class Trainer:
                     self.note("non-finite training loss", loss=train_loss)
                 dev = self.evaluate("dev", tc.eval_batches)
                 method.on_eval(self, step, dev)
-                self.history.append({"step": step + 1, "train_loss": train_loss, "lr": self.scheduler.get_last_lr()[0],
+                self.history.append({"step": step + 1, "train_loss": train_loss, "lr": step_lr,
                                      "phase": self.phase, **{f"dev_{k}": v for k, v in dev.items()}})
                 bar.set_postfix(loss=f"{train_loss:.3f}", **{main: f"{dev[main]:.3f}"})
                 val = dev[main]

@@ -151,9 +151,10 @@ def load_bert_encoder(pretrained: str, scratch: BertScratchConfig | None = None,
     path = resolve_pretrained(pretrained)
     try:
         with quiet_transformers():
-            return AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
+            model = AutoModel.from_pretrained(path, add_pooling_layer=False, attn_implementation="eager")
     except (OSError, ValueError) as e:
         raise BenchError(f"cannot load pretrained model {pretrained!r} ({path}): {e}") from None
+    return model.float()  # fp32 master weights even from a half-precision checkpoint; AMP picks the compute dtype
 
 
 class HFBertClassifier(nn.Module):
@@ -192,7 +193,7 @@ class HFCausalLM(nn.Module):
         path = resolve_pretrained(pretrained)
         try:
             with quiet_transformers():
-                self.lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+                self.lm = AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float()
         except (OSError, ValueError) as e:
             raise BenchError(f"cannot load causal LM {pretrained!r}: {e}; pass a local directory or a reachable "
                              f"hub id as model.pretrained") from None

@@ -51,6 +51,14 @@ def test_dry_run_prints_the_matrix(tmp_path):
     assert r.stdout.count("[todo]") == 4
 
 
+def test_short_task_names_resolve_within_their_suite():
+    from bench.cli import resolve_tasks
+
+    assert resolve_tasks("lra", ["listops"]) == (["lra_listops"], True)
+    assert resolve_tasks("summarization", ["qmsum"]) == (["sum_qmsum"], True)  # prefix is not the suite name
+    assert resolve_tasks("glue", ["sst2", "glue_rte"]) == (["glue_sst2", "glue_rte"], True)
+
+
 @pytest.mark.slow
 def test_sweep_resumes_after_kill_and_reports(tmp_path):
     out, reports = tmp_path / "results", tmp_path / "reports"

@@ -1,0 +1,31 @@
+# Named GPU run steps for a rented single-GPU box (docs/gpu_runs.md). Each step runs under `timeout` and, after
+# it, every record so far is re-packed into $OUT/records.tgz, so a call cut off at its time limit still returns
+# the finished runs.
+# Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step [step ...]
+# Steps: listops_dense listops_spion text_dense text_spion mt qmsum glue_small glue_sst2 kernels
+out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
+res=/tmp/sparsebench-results; mkdir -p "$res" "$out"
+common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume)
+minilm=model.pretrained=.gpu/all-MiniLM-L6-v2-fp16  # fp16 copy of the pip package's weights (carry limit)
+
+step() {
+  case "$1" in
+    listops_dense) python3 run_all.py --suite lra --tasks listops --methods dense:backend=cudnn --seeds 0 1 2 "${common[@]}" ;;
+    listops_spion) python3 run_all.py --suite lra --tasks listops --methods spion_cf --seeds 1 2 "${common[@]}" ;;
+    text_dense)    python3 run_all.py --suite lra --tasks text --methods dense --seeds 0 1 2 "${common[@]}" ;;
+    text_spion)    python3 run_all.py --suite lra --tasks text --methods spion_cf --seeds 1 2 "${common[@]}" ;;
+    mt)            python3 run_all.py --suite mt --methods dense "${common[@]}" ;;
+    qmsum)         python3 run_all.py --suite summarization --tasks qmsum --methods dense "${common[@]}" ;;
+    glue_small)    python3 run_all.py --suite glue --tasks cola mrpc rte stsb --methods dense "${common[@]}" "$minilm" ;;
+    glue_sst2)     python3 run_all.py --suite glue --tasks sst2 --methods dense "${common[@]}" "$minilm" ;;
+    kernels)       python3 run_all.py --suite kernels "${common[@]}" ;;
+    *) echo "unknown step $1"; return 2 ;;
+  esac
+}
+
+for s in "$@"; do
+  echo "=== $s $(date +%T)"
+  timeout -k 10 "$limit" bash -c "$(declare -p common minilm res); $(declare -f step); step $s" 2>&1 | tee -a "$out/log.txt"
+  echo "=== $s exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$out/log.txt"
+  tar czf "$out/records.tgz.tmp" -C "$res" . && mv "$out/records.tgz.tmp" "$out/records.tgz"
+done
