@@ -2,7 +2,7 @@
 # it, every record so far is re-packed into $OUT/records.tgz, so a call cut off at its time limit still returns
 # the finished runs.
 # Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step [step ...]
-# Steps: listops_dense listops_spion text_dense text_spion mt qmsum glue_small glue_sst2 kernels
+# Steps: listops_dense listops_spion text_dense text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
 res=/tmp/sparsebench-results; mkdir -p "$res" "$out"
 common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume)
@@ -14,6 +14,8 @@ step() {
     listops_spion) python3 run_all.py --suite lra --tasks listops --methods spion_cf --seeds 1 2 "${common[@]}" ;;
     text_dense)    python3 run_all.py --suite lra --tasks text --methods dense --seeds 0 1 2 "${common[@]}" ;;
     text_spion)    python3 run_all.py --suite lra --tasks text --methods spion_cf --seeds 1 2 "${common[@]}" ;;
+    image_seeds)   python3 run_all.py --suite lra --tasks image --methods dense spion_cf --seeds 1 2 "${common[@]}" ;;
+    pathfinder_seeds) python3 run_all.py --suite lra --tasks pathfinder --methods dense spion_cf --seeds 1 2 "${common[@]}" ;;
     mt)            python3 run_all.py --suite mt --methods dense "${common[@]}" ;;
     qmsum)         python3 run_all.py --suite summarization --tasks qmsum --methods dense "${common[@]}" ;;
     glue_small)    python3 run_all.py --suite glue --tasks cola mrpc rte stsb --methods dense "${common[@]}" "$minilm" ;;
