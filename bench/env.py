@@ -22,12 +22,13 @@ def _git(*args: str) -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def git_state() -> dict:
-    """Commit and dirty flag. A copy of the tree without .git (e.g. on a rented GPU box) can pass them in
-    ``SPARSEBENCH_GIT_COMMIT`` / ``SPARSEBENCH_GIT_DIRTY``; the record says where they came from."""
-    commit = _git("rev-parse", "HEAD")
-    if commit is None and os.environ.get("SPARSEBENCH_GIT_COMMIT"):
+    """Commit and dirty flag. A copy of the tree on a rented GPU box passes them in ``SPARSEBENCH_GIT_COMMIT`` /
+    ``SPARSEBENCH_GIT_DIRTY``, which win over git: such a copy may carry a stale .git (results/errata.json,
+    erratum 2). The record says where they came from."""
+    if os.environ.get("SPARSEBENCH_GIT_COMMIT"):  # wins over a .git that travelled with the copy: it may be stale
         dirty = os.environ.get("SPARSEBENCH_GIT_DIRTY", "").lower()
         return {"commit": os.environ["SPARSEBENCH_GIT_COMMIT"], "dirty": dirty in ("1", "true", "yes"), "source": "env"}
+    commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None, "source": "git"}
 

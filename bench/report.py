@@ -631,9 +631,10 @@ def _mark_erratum(rec: dict, results_dir: Path, errata: list[dict]) -> None:
     rel = Path(rec["_path"]).resolve().relative_to(results_dir.resolve()).as_posix()
     for e in errata:
         if rel in e["records"]:
-            info = rec["method_info"]
-            info["variant"] = "; ".join(v for v in (info.get("variant", ""), f"erratum {e['id']}") if v)
-            rec["_erratum"] = e["id"]
+            rec.setdefault("_errata", []).append(e["id"])
+            if e.get("label_in_tables", True):  # False for provenance-only errata: listed, not in every cell
+                info = rec["method_info"]
+                info["variant"] = "; ".join(v for v in (info.get("variant", ""), f"erratum {e['id']}") if v)
 
 
 def _missing_tasks(recs: list[dict], tasks: dict[str, str | None]) -> list[str]:
@@ -644,13 +645,14 @@ def _missing_tasks(recs: list[dict], tasks: dict[str, str | None]) -> list[str]:
 
 
 def _errata_section(recs: list[dict], errata: list[dict]) -> list[str]:
-    ids = sorted({r["_erratum"] for r in recs if "_erratum" in r})
+    ids = sorted({i for r in recs for i in r.get("_errata", ())})
     if not ids:
         return []
     out = ["## Errata\n"]
     for e in errata:
         if e["id"] in ids:
-            out.append(f"- **erratum {e['id']}** ({e['affects']}): {e['note']}")
+            n = sum(e["id"] in r.get("_errata", ()) for r in recs)
+            out.append(f"- **erratum {e['id']}** ({e['affects']}; {n} record(s) here): {e['note']}")
     return out + [""]
 
 

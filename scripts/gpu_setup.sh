@@ -2,6 +2,7 @@
 #   SPARSEBENCH_GIT_COMMIT=<hash> source scripts/gpu_setup.sh
 # Installs the carried wheels (datasets and its two missing deps) and points caches at /tmp.
 set -e
+: "${SPARSEBENCH_GIT_COMMIT:?export SPARSEBENCH_GIT_COMMIT=<the commit this tree is at> first: records must name their code}"
 if ls .gpu/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$HOME/site" .gpu/wheels/*.whl
   export PYTHONPATH="$HOME/site${PYTHONPATH:+:$PYTHONPATH}"

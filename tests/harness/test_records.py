@@ -51,3 +51,16 @@ def test_failed_write_leaves_old_file_intact(tmp_path):
     with pytest.raises(BenchError):
         write_record(make_record(metrics={"x": 1.0}), p)  # invalid: no higher_is_better for x
     assert p.read_text() == before
+
+
+def test_git_commit_from_env_wins_over_a_stale_dot_git(monkeypatch):
+    """A rented GPU box may get the tree with an old .git: the commit passed in the environment is the truth."""
+    from bench import env
+
+    monkeypatch.setenv("SPARSEBENCH_GIT_COMMIT", "0123abc")
+    monkeypatch.setenv("SPARSEBENCH_GIT_DIRTY", "0")
+    env.git_state.cache_clear()
+    try:
+        assert env.git_state() == {"commit": "0123abc", "dirty": False, "source": "env"}
+    finally:
+        env.git_state.cache_clear()
