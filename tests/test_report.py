@@ -234,11 +234,14 @@ def test_errata_label_affected_records(tmp_path):
     name = record_filename("listops", "dense", "small", 0, rec.config_hash)
     write_record(rec, results / "lra" / name)
     (results / "errata.json").write_text(json.dumps(
-        [{"id": 7, "records": [f"lra/{name}"], "affects": "timings", "note": "mask was materialised"}]))
+        [{"id": 7, "records": [f"lra/{name}"], "affects": "timings", "note": "mask was materialised"},
+         {"id": 8, "records": [f"lra/{name}"], "affects": "provenance only", "note": "stale git field",
+          "label_in_tables": False}]))
     render_reports(results, tmp_path / "rep")
     md = (tmp_path / "rep" / "lra.md").read_text()
-    assert "**erratum 7** (timings): mask was materialised" in md
-    assert "dense [sdpa; erratum 7]" in md
+    assert "**erratum 7** (timings; 1 record(s) here): mask was materialised" in md
+    assert "**erratum 8** (provenance only; 1 record(s) here): stale git field" in md
+    assert "dense [sdpa; erratum 7]" in md and "erratum 8]" not in md  # provenance errata: listed, not stamped
     assert json.loads((results / "lra" / name).read_text())["method_info"]["variant"] == "sdpa"  # record untouched
 
 
