@@ -327,7 +327,17 @@ def _layout_figure(layouts: list, title: str) -> Figure:
     return fig
 
 
-def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float) -> dict:
+def _nearest_density(fixed: dict[str, tuple[float, float]], density: list) -> tuple[str | None, float, float]:
+    """The fixed pattern (label -> (mean ms, mean density)) whose mean density is closest to ``density``'s mean."""
+    cand = {k: v for k, v in fixed.items() if not _isnan(v[1]) and not _isnan(v[0])}
+    if not density or not cand:
+        return None, math.nan, math.nan
+    target = float(np.mean(density))
+    label = min(sorted(cand), key=lambda k: abs(cand[k][1] - target))
+    return label, *cand[label]
+
+
+def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: dict) -> dict:
     info, sparse_ms = r.info, r.by_phase.get("sparse")
     ts = info.get("transition_step")
     if ts is None:
@@ -341,6 +351,7 @@ def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float) -> dict:
     if phase == "dense" and ts is not None:
         best += f" {DENSE_CKPT}"
     dens = info.get("density_per_layer") or []
+    near_lab, near_ms, near_d = _nearest_density(fixed_all, dens)
     return {
         "method": r.label, "seed": str(r.seed), "variant": info.get("spion_variant", NA),
         "softmax": info.get("softmax_mode", NA), "transition step": trans, "checks": str(info.get("n_checks", NA)),
@@ -350,6 +361,8 @@ def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float) -> dict:
         "sparse / fastest dense": _ratio_or_na(None if sparse_ms is None else sparse_ms / dense_ms),
         "sparse / fastest fixed (its density)": NA if sparse_ms is None or _isnan(fixed_ms) else
         f"{_ratio(sparse_ms / fixed_ms)} (d={_num(fixed_d, NA)})",
+        "sparse / nearest-density fixed": NA if sparse_ms is None or near_lab is None else
+        f"{_ratio(sparse_ms / near_ms)} ({near_lab}, d={_num(near_d)})",
         "best ckpt (phase @ step)": best, "test attention": info.get("tested_with", NA),
         # the Trainer also tests every other phase's best checkpoint (pitfall 12): "main metric, phase ckpt"
         "test with other phase's best": ", ".join(
@@ -368,7 +381,9 @@ def _spion_section(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> tup
           "achieved per-layer block density, and the median train step time of each phase "
           "(`train_step_ms_median_by_phase`). The sparse-phase time is compared with the fastest dense method "
           "and the fastest fixed-pattern method (sparse family, not SPION) of the task; the fixed pattern's mean "
-          "density is given next to the ratio: the densities differ, so this is not an equal-density comparison.\n"]
+          "density is given next to the ratio (the densities differ), and with the fixed pattern whose mean density "
+          "is nearest to the run's (run fixed patterns with `density=` to make that an equal-density comparison, "
+          "e.g. `--methods local:density=0.05`).\n"]
     written, ckpt_note = [], False
     for task, t in s[s.task.isin(s[_is_spion(s)].task)].groupby("task", sort=True):
         dense_lab, dense_ms = _fastest(t, t.dense)
@@ -378,7 +393,9 @@ def _spion_section(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> tup
         md.append(f"Fastest dense: {f'**{dense_lab}** ({_num(dense_ms)} ms/step)' if dense_lab else 'none measured'}; "
                   f"fastest fixed pattern: " + (f"**{fixed_lab}** ({_num(fixed_ms)} ms/step, mean density "
                                                 f"{_num(fixed_d, NA)})" if fixed_lab else "none measured") + ".\n")
-        rows = [_spion_row(r, dense_ms, fixed_ms, fixed_d) for r in t[_is_spion(t)].itertuples()]
+        fixed_all = {lab: (float(g.step_ms.mean()), _mean_density(g.density))
+                     for lab, g in t[_is_fixed(t)].groupby("label", sort=True)}
+        rows = [_spion_row(r, dense_ms, fixed_ms, fixed_d, fixed_all) for r in t[_is_spion(t)].itertuples()]
         ckpt_note |= any(DENSE_CKPT in r["best ckpt (phase @ step)"] for r in rows)
         md.append(_md(pd.DataFrame(rows)))
         figs = []

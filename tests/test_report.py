@@ -1,6 +1,7 @@
 """bench/report.py on synthetic records written into tmp_path (never results/ or reports/)."""
 from __future__ import annotations
 
+import math
 import statistics
 
 import pytest
@@ -200,10 +201,11 @@ def test_spion_table(spion_rendered):
     assert "Fastest dense: **flex** (16.00 ms/step); fastest fixed pattern: **bigbird** (10.00 ms/step" in sec
     cf = _cells(sec, "spion_cf")
     assert cf[2:] == ["spion_cf", "phantom_zero", "1749 (check 7)", "8", "0.438, 0.438", "16.00", "8.00",
-                      "0.50×", "0.80× (d=0.250)", "dense @ 750 §", "sparse", "36.50 (sparse)"]
+                      "0.50×", "0.80× (d=0.250)", "0.80× (bigbird, d=0.250)", "dense @ 750 §", "sparse",
+                      "36.50 (sparse)"]
     c = _cells(sec, "spion_c")
-    assert c[4:11] == ["no transition in 2000 steps", "8", "–", "16.00", "–", "–", "–"]
-    assert c[11] == "dense @ 750"  # no transition: a dense-phase checkpoint is no pitfall
+    assert c[4:12] == ["no transition in 2000 steps", "8", "–", "16.00", "–", "–", "–", "–"]
+    assert c[12] == "dense @ 750"  # no transition: a dense-phase checkpoint is no pitfall
     assert "§ The best dev checkpoint is from the dense phase" in md
     assert "lra_pathfinder" not in md.split("### SPION")[1]  # no SPION runs there
 
@@ -254,3 +256,11 @@ def test_tasks_without_records_are_named(tmp_path):
     md = (tmp_path / "rep" / "lra.md").read_text()
     assert "- `retrieval`: data not available (no AAN files)" in md
     assert "- `image`: not run yet" in md and "- `listops`" not in md
+
+
+def test_nearest_density_fixed_pattern():
+    from bench.report import _nearest_density
+
+    fixed = {"bigbird": (10.0, 0.30), "local": (12.0, 0.06), "strided": (float("nan"), 0.05)}  # strided: not timed
+    assert _nearest_density(fixed, [0.05, 0.05]) == ("local", 12.0, 0.06)
+    assert _nearest_density(fixed, [])[0] is None
