@@ -2,7 +2,7 @@
 # it, every record so far is re-packed into $OUT/records.tgz, so a call cut off at its time limit still returns
 # the finished runs.
 # Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step [step ...]
-# Steps: listops_dense listops_spion text_dense text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels
+# Steps: spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
 res=/tmp/sparsebench-results; mkdir -p "$res" "$out"
 common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume)
@@ -16,6 +16,15 @@ step() {
     text_spion)    python3 run_all.py --suite lra --tasks text --methods spion_cf --seeds 1 2 "${common[@]}" ;;
     image_seeds)   python3 run_all.py --suite lra --tasks image --methods dense spion_cf --seeds 1 2 "${common[@]}" ;;
     pathfinder_seeds) python3 run_all.py --suite lra --tasks pathfinder --methods dense spion_cf --seeds 1 2 "${common[@]}" ;;
+    spion_timing)  # SPION's sparse phase timed for sure (named deviation) + fixed patterns at SPION's density
+                   python3 run_all.py --suite lra --tasks listops "${common[@]}" \
+                       --methods spion_cf:max_dense_steps=500 local:density=0.05 bigbird:density=0.05 &&
+                   python3 run_all.py --suite lra --tasks text "${common[@]}" \
+                       --methods spion_cf:max_dense_steps=500 local:density=0.026 bigbird:density=0.026 ;;
+    listops_matrix) python3 run_all.py --suite lra --tasks listops --methods local longformer strided "${common[@]}" ;;
+    text_matrix)   python3 run_all.py --suite lra --tasks text --methods local longformer strided spion_c spion_f flex "${common[@]}" ;;
+    image_matrix)  python3 run_all.py --suite lra --tasks image --methods bigbird longformer strided spion_c spion_f flex "${common[@]}" ;;
+    pathfinder_matrix) python3 run_all.py --suite lra --tasks pathfinder --methods local longformer bigbird spion_c spion_f flex "${common[@]}" ;;
     mt)            python3 run_all.py --suite mt --methods dense "${common[@]}" ;;
     qmsum)         python3 run_all.py --suite summarization --tasks qmsum --methods dense "${common[@]}" ;;
     glue_small)    python3 run_all.py --suite glue --tasks cola mrpc rte stsb --methods dense "${common[@]}" "$minilm" ;;
