@@ -466,13 +466,14 @@ def _kernel_frame(recs: list[dict]) -> pd.DataFrame:
     rows = [{"scale": r["scale"], "gpu": r["env"].get("gpu") or "CPU", **row}
             for r in recs for row in r["measurements"].get("rows", [])]
     df = pd.DataFrame(rows)
-    df = df.reindex(columns=sorted(set(df.columns) | set(NUM) | {"density_target", "memory_check"}))
+    df = df.reindex(columns=sorted(set(df.columns) | set(NUM) | {"density_target", "memory_check", "source_record"}))
+    df["source_record"] = df.source_record.fillna("")  # "" = the generic grid; else a SPION run's layouts
     df[NUM] = df[NUM].apply(pd.to_numeric, errors="coerce")
     df["density"] = df.density.astype(float).round(6)
     # the nominal density names a line across L (the realised one varies a little); dense kernels have none
     df["density_target"] = pd.to_numeric(df.density_target, errors="coerce").fillna(df.density.round(2))
-    df["memory_check"] = df.memory_check.fillna(False).astype(bool)
-    keys = [*KEYS, "memory_check", "kernel", "pattern", "density", "density_target"]
+    df["memory_check"] = df.memory_check.astype(object).fillna(False).astype(bool)
+    keys = [*KEYS, "source_record", "memory_check", "kernel", "pattern", "density", "density_target"]
     return df.groupby(keys, as_index=False, dropna=False)[NUM].mean()
 
 
@@ -585,17 +586,22 @@ def _kernel_sections(recs: list[dict], figdir: Path) -> tuple[list[str], list[Pa
         r["measurements"].get("timing"), f"reduced budget: {r['budget'].get('note') or '(no note)'}"
         if r["budget"].get("reduced") else ""])) for r in recs})
     md.append("\n".join(notes) + "\n")
-    for key, k in df[~df.memory_check].groupby(KEYS, sort=True):
-        scale, gpu, dtype, B, H, L, D = key
+    for key, k in df[~df.memory_check].groupby([*KEYS, "source_record"], sort=True):
+        scale, gpu, dtype, B, H, L, D, src = key
         k, best = _kernel_speedups(k.sort_values(["kernel", "pattern", "density"]))
-        speed.append(k)
+        if not src:  # learned layouts sit at one L each: not part of the speedup-vs-L lines
+            speed.append(k)
         md.append(f"## {gpu}, {dtype}, {scale}: L={L}, D={D} (B={B}, H={H})\n")
+        if src:
+            md.append(f"Learned layouts of run `{src}` at that run's attention shape; `<pattern>@spion_layerN` is "
+                      "that pattern built at the same density as layer N's layout (equal-density comparison).\n")
         md.append("Best dense: " + "; ".join(
             f"{_tname(t)} {b.kernel} {_num(b[t])} ms" if b is not None else f"{_tname(t)} none measured"
             for t, b in best.items()) + ".\n")
         md.append(_kernel_table(k))
         fig = _time_vs_density(k, f"{gpu} {dtype} ({scale}): L={L}, D={D}, B={B}, H={H}")
-        figs = _save(fig, figdir, _slug("kernels", scale, gpu, dtype, f"L{L}", f"D{D}", f"B{B}", f"H{H}", "time_vs_density"))
+        figs = _save(fig, figdir, _slug("kernels", scale, gpu, dtype, f"L{L}", f"D{D}", f"B{B}", f"H{H}",
+                                        *([src] if src else []), "time_vs_density"))
         written += figs
         md.append(_links(figs))
     md.append("## Speedup over the best dense kernel vs sequence length\n")

@@ -35,6 +35,7 @@ class SweepConfig:
     kernels: tuple[str, ...] = ("block_sparse_triton", "flex", "sdpa_cudnn", "sdpa_flash")
     backward: bool = True
     extra_lengths: tuple[int, ...] = ()  # memory check only (fwd+bwd of one sparse point), e.g. 65536
+    record_layouts: tuple[str, ...] = ()  # SPION run records: time their layouts at their shape (equal density)
     warmup_ms: int = 25
     rep_ms: int = 100
 
@@ -113,77 +114,106 @@ def _dense_fn(kind: str):
 
 def run_sweep(cfg: SweepConfig, device: torch.device, progress=None, log=print) -> list[dict]:
     cuda = device.type == "cuda"
-    dtype = getattr(torch, cfg.dtype)
     if cuda:  # past the recompile limit torch.compile silently runs Flex eagerly: never let it get there
         torch._dynamo.config.recompile_limit = 64
         torch._dynamo.config.accumulated_recompile_limit = 4096
     rows: list[dict] = []
-    points = [(L, D) for L in cfg.lengths for D in cfg.head_dims]
-    for L, D in points:
-        if cuda:
-            torch._dynamo.reset()  # fresh compile cache per shape
-        flex = _Flex(cuda) if "flex" in cfg.kernels else None
-        H, B = max(1, cfg.hidden // D), max(1, cfg.tokens_per_batch // L)
-        nb = math.ceil(L / cfg.block_size)
-        gen = torch.Generator(device="cpu").manual_seed(L * 1000 + D)
-        q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_(cfg.backward) for _ in range(3))
-        dout = torch.randn(B, H, L, D, generator=gen).to(device, dtype)
-        dense_flops = 4.0 * B * H * L * L * D
-        base = dict(L=L, D=D, B=B, H=H, dtype=cfg.dtype, block_size=cfg.block_size)
-        # dense kernels once per (L, D)
-        for kind in cfg.kernels:
-            if not kind.startswith("sdpa"):
-                continue
-            rows.append({**base, **_time_point(kind, _dense_fn(kind), q, k, v, dout, cfg, cuda, dense_flops, 1.0, "dense")})
-        for pattern in cfg.patterns:
-            for density in cfg.densities:
-                if density >= 1.0 and pattern != cfg.patterns[0]:
-                    continue  # one full-density point is enough
-                layout = make_layout(pattern, nb, density, H, seed=L + D)
-                t0 = time.perf_counter()
-                build_lut(layout, False, device)
-                if cuda:
-                    torch.cuda.synchronize()
-                lut_ms = (time.perf_counter() - t0) * 1e3
-                real = layout_density(layout)
-                p = "dense" if density >= 1.0 else pattern
-                point = {**base, "pattern": p, "density_target": density, "lut_build_ms": lut_ms}
-                ref_out = None
-                for kind in cfg.kernels:
-                    if kind.startswith("sdpa"):
-                        continue
-                    if kind == "flex":
-                        bm = _Flex.block_mask(layout, B, H, L, cfg.block_size, device)
-                        fn = lambda q, k, v, bm=bm: flex.fn(q, k, v, block_mask=bm)  # noqa: E731
-                    else:
-                        backend = "triton" if kind == "block_sparse_triton" else "torch"
-                        lay_dev = layout.to(device)
-                        fn = lambda q, k, v, lay=lay_dev, be=backend: block_sparse_attention(  # noqa: E731
-                            q, k, v, lay, block_size=cfg.block_size, backend=be)
-                    with torch.no_grad():
-                        out = fn(q, k, v).float()
-                    err = None
-                    if ref_out is None:
-                        ref_out = out
-                    else:  # correctness before timing: same layout, same inputs
-                        err = ((out - ref_out).norm() / ref_out.norm()).item()
-                        if not err < 2e-2:
-                            raise RuntimeError(f"{kind} disagrees with {cfg.kernels[0]} at L={L} D={D} "
-                                               f"{p} density={density}: rel err {err:.3g}")
-                    row = _time_point(kind, fn, q, k, v, dout, cfg, cuda, dense_flops, real, p)
-                    rows.append({**point, **row, "check_rel_err": err})
-                if progress:
-                    progress.update(1)
-                log(f"L={L} D={D} {p} density={real:.3f}: " + ", ".join(
-                    f"{r['kernel']} {r['fwd_ms']:.3f}/{r.get('fwdbwd_ms') or float('nan'):.3f} ms"
-                    for r in rows if r["L"] == L and r["D"] == D and r.get("pattern") == p
-                    and abs(r["density"] - real) < 1e-9))
-        del q, k, v, dout
-        if cuda:
-            torch.cuda.empty_cache()
+    for L in cfg.lengths:
+        for D in cfg.head_dims:
+            H, B = max(1, cfg.hidden // D), max(1, cfg.tokens_per_batch // L)
+            nb = math.ceil(L / cfg.block_size)
+            jobs = [("dense" if d >= 1.0 else pattern, d, make_layout(pattern, nb, d, H, seed=L + D))
+                    for pattern in cfg.patterns for d in cfg.densities
+                    if d < 1.0 or pattern == cfg.patterns[0]]  # one full-density point is enough
+            rows += time_layouts(B, H, L, D, cfg.block_size, jobs, cfg, device, progress, log)
+    for rec_path in cfg.record_layouts:
+        rows += time_record_layouts(rec_path, cfg, device, progress, log)
     for L in cfg.extra_lengths:  # O(L·D) memory: a long sequence must run at all
-        rows.append(_memory_point(L, cfg, device, dtype))
+        rows.append(_memory_point(L, cfg, device, getattr(torch, cfg.dtype)))
     return rows
+
+
+def time_layouts(B: int, H: int, L: int, D: int, block: int, jobs: list[tuple[str, float, torch.Tensor]],
+                 cfg: SweepConfig, device: torch.device, progress=None, log=print, extra: dict | None = None) -> list[dict]:
+    """Dense SDPA kernels once, then every (pattern label, target density, layout) job with every sparse kernel
+    of ``cfg.kernels``, all on the same (B, H, L, D) inputs; each sparse result is checked before it is timed."""
+    cuda = device.type == "cuda"
+    dtype = getattr(torch, cfg.dtype)
+    if cuda:
+        torch._dynamo.reset()  # fresh compile cache per shape
+    flex = _Flex(cuda) if "flex" in cfg.kernels else None
+    gen = torch.Generator(device="cpu").manual_seed(L * 1000 + D)
+    q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device, dtype).requires_grad_(cfg.backward) for _ in range(3))
+    dout = torch.randn(B, H, L, D, generator=gen).to(device, dtype)  # (B, H, L, D)
+    dense_flops = 4.0 * B * H * L * L * D
+    base = dict(L=L, D=D, B=B, H=H, dtype=cfg.dtype, block_size=block, **(extra or {}))
+    rows = [{**base, **_time_point(kind, _dense_fn(kind), q, k, v, dout, cfg, cuda, dense_flops, 1.0, "dense")}
+            for kind in cfg.kernels if kind.startswith("sdpa")]
+    for p, density, layout in jobs:
+        t0 = time.perf_counter()
+        build_lut(layout, False, device)
+        if cuda:
+            torch.cuda.synchronize()
+        point = {**base, "pattern": p, "density_target": density, "lut_build_ms": (time.perf_counter() - t0) * 1e3}
+        real = layout_density(layout)
+        ref_out, mine = None, []
+        for kind in cfg.kernels:
+            if kind.startswith("sdpa"):
+                continue
+            if kind == "flex":
+                bm = _Flex.block_mask(layout, B, H, L, block, device)
+                fn = lambda q, k, v, bm=bm: flex.fn(q, k, v, block_mask=bm)  # noqa: E731
+            else:
+                backend = "triton" if kind == "block_sparse_triton" else "torch"
+                lay_dev = layout.to(device)
+                fn = lambda q, k, v, lay=lay_dev, be=backend: block_sparse_attention(  # noqa: E731
+                    q, k, v, lay, block_size=block, backend=be)
+            with torch.no_grad():
+                out = fn(q, k, v).float()
+            err = None
+            if ref_out is None:
+                ref_out = out
+            else:  # correctness before timing: same layout, same inputs
+                err = ((out - ref_out).norm() / ref_out.norm()).item()
+                if not err < 2e-2:
+                    raise RuntimeError(f"{kind} disagrees with the first sparse kernel at L={L} D={D} "
+                                       f"{p} density={density}: rel err {err:.3g}")
+            mine.append({**point, **_time_point(kind, fn, q, k, v, dout, cfg, cuda, dense_flops, real, p),
+                         "check_rel_err": err})
+        rows += mine
+        if progress is not None:
+            progress.update(1)
+        log(f"L={L} D={D} {p} density={real:.3f}: " + ", ".join(
+            f"{r['kernel']} {r['fwd_ms']:.3f}/{r.get('fwdbwd_ms') or float('nan'):.3f} ms" for r in mine))
+    del q, k, v, dout
+    if cuda:
+        torch.cuda.empty_cache()
+    return rows
+
+
+def time_record_layouts(path: str, cfg: SweepConfig, device: torch.device, progress=None, log=print) -> list[dict]:
+    """SPION's learned layouts from a run record, at that run's attention shape (batch, heads, L, head dim,
+    block), next to every ``cfg.patterns`` layout built at the same density and the dense kernels: the
+    equal-density, attention-only comparison that a training step's time cannot give."""
+    import json
+
+    rec = json.loads(open(path, encoding="utf-8").read())
+    info, model = rec.get("method_info", {}), rec.get("config", {}).get("model", {})
+    layouts = info.get("layouts")
+    if not layouts:
+        raise ValueError(f"{path}: the record holds no method_info.layouts (a SPION run that switched to sparse)")
+    nb, block = len(layouts[0]), int(info["block_size"])
+    H = int(model["n_heads"])
+    D = int(model.get("d_qkv") or model["d_model"]) // H
+    B, L = int(rec["config"]["train"]["batch_size"]), nb * block
+    jobs = []
+    for i, lay in enumerate(layouts):
+        lay = torch.tensor(lay, dtype=torch.bool)[None]  # (1, nb, nb): one layout per layer, shared by heads
+        d = layout_density(lay)
+        jobs.append((f"spion_layer{i}", d, lay))
+        jobs += [(f"{p}@spion_layer{i}", d, make_layout(p, nb, d, H, seed=nb + i)) for p in cfg.patterns if p != "dense"]
+    src = {"source_record": f"{rec['task']}/{rec['method']}/s{rec['seed']}/{rec['config_hash']}"}
+    return time_layouts(B, H, L, D, block, jobs, cfg, device, progress, log, extra=src)
 
 
 def _time_point(kind, fn, q, k, v, dout, cfg, cuda, dense_flops, density, pattern) -> dict:

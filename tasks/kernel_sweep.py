@@ -4,7 +4,9 @@ Not a training task: ``python run_all.py --suite kernels`` runs ``kernels.benchm
 scale's preset (``small``/``paper`` on a GPU: L in {1k, 4k, 16k, 32k}, D in {64, 128}, bf16, six densities,
 random/local/BigBird layouts; ``tiny``: a toy CPU sweep of the torch reference that only tests the
 harness) and writes one ``kind="kernel_sweep"`` record whose ``measurements.rows`` hold every point.
-Override the grid with ``sweep.<field>=...`` (e.g. ``sweep.lengths=4096,16384``).
+Override the grid with ``sweep.<field>=...`` (e.g. ``sweep.lengths=4096,16384``). ``sweep.record_layouts=<record.json>,...``
+also times the learned layouts of SPION run records at their own attention shape, next to the sweep's patterns
+built at the same density and the dense kernels (``sweep.lengths=`` empty skips the generic grid).
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ class KernelSweep:
         torch.manual_seed(self.seed)
         cfg = self.cfg
         n = len(cfg.lengths) * len(cfg.head_dims) * (len(cfg.patterns) * len(cfg.densities))
+        n = None if cfg.record_layouts else n  # their job count is known only once the records are read
         with tqdm(total=n, desc="kernel sweep", disable=not self.progress) as bar:
             rows = run_sweep(cfg, self.device, progress=bar, log=(lambda s: None) if self.progress else print)
         config = {"task": "kernel_sweep", "scale": self.scale, "seed": self.seed, "sweep": to_dict(cfg)}
