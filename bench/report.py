@@ -383,7 +383,9 @@ def _spion_section(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> tup
           "and the fastest fixed-pattern method (sparse family, not SPION) of the task; the fixed pattern's mean "
           "density is given next to the ratio (the densities differ), and with the fixed pattern whose mean density "
           "is nearest to the run's (run fixed patterns with `density=` to make that an equal-density comparison, "
-          "e.g. `--methods local:density=0.05`).\n"]
+          "e.g. `--methods local:density=0.05`). A training step mixes attention with everything else; for "
+          "attention alone at each run's shape, time its layouts next to equal-density patterns with "
+          "`run_all.py --suite kernels sweep.record_layouts=<record.json>` (kernels report).\n"]
     written, ckpt_note = [], False
     for task, t in s[s.task.isin(s[_is_spion(s)].task)].groupby("task", sort=True):
         dense_lab, dense_ms = _fastest(t, t.dense)
