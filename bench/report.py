@@ -469,7 +469,7 @@ def _kernel_frame(recs: list[dict]) -> pd.DataFrame:
             for r in recs for row in r["measurements"].get("rows", [])]
     df = pd.DataFrame(rows)
     df = df.reindex(columns=sorted(set(df.columns) | set(NUM) | {"density_target", "memory_check", "source_record"}))
-    df["source_record"] = df.source_record.fillna("")  # "" = the generic grid; else a SPION run's layouts
+    df["source_record"] = df.source_record.astype(object).fillna("")  # "" = the generic grid; else a SPION run's layouts
     df[NUM] = df[NUM].apply(pd.to_numeric, errors="coerce")
     df["density"] = df.density.astype(float).round(6)
     # the nominal density names a line across L (the realised one varies a little); dense kernels have none
