@@ -206,7 +206,8 @@ def _efficiency(t: pd.DataFrame) -> str:
     """One task at one scale: step time, inference throughput, peak memory, each vs the fastest dense."""
     g = t.groupby("label", sort=True).agg(
         n=("seed", "size"), dense=("dense", "any"),
-        step_ms=("step_ms", "mean"), tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"))
+        step_ms=("step_ms", "mean"), step_min=("step_ms", "min"), step_max=("step_ms", "max"),
+        tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"))
     best, _ = _fastest(t, t.dense)
     out = []
     if best is not None:
@@ -217,7 +218,11 @@ def _efficiency(t: pd.DataFrame) -> str:
         out.append("No dense method with a measured step time here: ratios are n/m.\n")
     table = pd.DataFrame({
         "method": g.index, "runs": g.n.astype(str).values,
-        "train step (ms)": [_num(v) for v in g.step_ms], "step / dense": [_ratio(v) for v in g.step_ms / ref.step_ms],
+        "train step (ms)": [_num(v) for v in g.step_ms],
+        # half the max-min range over seeds, relative: how far apart two runs of one config land
+        "step spread": [f"±{50 * (hi - lo) / m:.1f} %" if n > 1 and m > 0 else NA
+                        for n, lo, hi, m in zip(g.n, g.step_min, g.step_max, g.step_ms)],
+        "step / dense": [_ratio(v) for v in g.step_ms / ref.step_ms],
         "infer (tok/s)": [_num(v) for v in g.tok_s], "tok/s / dense": [_ratio(v) for v in g.tok_s / ref.tok_s],
         "peak mem (MiB)": [_num(v) for v in g.mem_mib], "mem / dense": [_ratio(v) for v in g.mem_mib / ref.mem_mib],
     })
@@ -443,7 +448,9 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
         md.append(_links(figs))
         md.append("### Efficiency\n")
         md.append("Means over seeds of the per-run median train step time, inference throughput and peak memory "
-                  "(n/m = not measured).\n")
+                  "(n/m = not measured). `step spread` is half the range of the step time over a method's runs, "
+                  "relative to their mean: runs are separate trainings, so a step-time ratio within a few times "
+                  "that spread of 1 is not a difference; for attention alone see the kernels report.\n")
         for task, t in s.groupby("task", sort=True):
             md.append(f"#### {task}\n")
             md.append(_efficiency(t))

@@ -113,8 +113,8 @@ def test_efficiency_table(rendered):
     text = md.split("#### text")[1]
     assert "fastest dense method here: **dense [sdpa]** (10.00 ms/step)" in text
     cells = _cells(text, "bigbird")
-    assert cells[2:8] == ["5.00", "0.50×", "200.0", "2.00×", "n/m", "n/m"]
-    assert cells[8] == "0.25, 0.125"
+    assert cells[2:9] == ["5.00", "±0.0 %", "0.50×", "200.0", "2.00×", "n/m", "n/m"]  # 2 seeds, same time
+    assert cells[9] == "0.25, 0.125"
     listops = md.split("#### listops")[1].split("####")[0]
     assert "| 100.0 " in listops and "0.25×" in listops  # memory ratio 100 / 400
     assert "## Environment" in md and "NVIDIA H100 80GB HBM3" in md and "0123456789" in md
