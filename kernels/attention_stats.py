@@ -41,6 +41,9 @@ import torch
 from .block_sparse_attention import HAS_TRITON, LOG2E, _INTERPRET, _check_triton_usable
 
 if HAS_TRITON:
+    from .block_sparse_attention import _load_operand, _mask_scores
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -66,10 +69,8 @@ if HAS_TRITON:
         h = pid_bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=offs_m[:, None] < L, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
+        q = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                          offs_m[:, None] < L, False, UPCAST)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         hi = L
@@ -77,18 +78,10 @@ if HAS_TRITON:
             hi = tl.minimum(L, (pid_m + 1) * BLOCK_M)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kt = tl.load(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=offs_n[None, :] < L, other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
+            kt = _load_operand(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                               offs_n[None, :] < L, False, UPCAST)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale2
-            valid = offs_n[None, :] < L
-            if HAS_KPM:
-                kp = tl.load(KPM + b * stride_pb + offs_n, mask=offs_n < L, other=0)
-                valid = valid & (kp[None, :] != 0)
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(valid, s, float("-inf"))
+            s = _mask_scores(s, offs_m, offs_n, L, KPM + b * stride_pb, CAUSAL, HAS_KPM)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
@@ -123,22 +116,13 @@ if HAS_TRITON:
         for it in range(0, n_iter):
             b = it // HG
             h = g * HG + it % HG
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=row_ok[:, None], other=0.0)
-            kt = tl.load(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                         mask=col_ok[None, :], other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                kt = kt.to(tl.float32)
-            lse2 = tl.load(Lse + (b * H + h) * L + offs_m, mask=row_ok, other=float("inf"))
+            q = _load_operand(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                              row_ok[:, None], False, UPCAST)
+            kt = _load_operand(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                               col_ok[None, :], False, UPCAST)
+            lse2 = tl.load(Lse + (b * H + h) * L + offs_m, mask=row_ok, other=float("inf"))  # rows past L: P = 0
             s = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale2
-            valid = col_ok[None, :] & row_ok[:, None]
-            if HAS_KPM:
-                kp = tl.load(KPM + b * stride_pb + offs_n, mask=col_ok, other=0)
-                valid = valid & (kp[None, :] != 0)
-            if CAUSAL:
-                valid = valid & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(valid, s, float("-inf"))
+            s = _mask_scores(s, offs_m, offs_n, L, KPM + b * stride_pb, CAUSAL, HAS_KPM)
             acc += tl.exp2(s - lse2[:, None])
         if POOL:
             n_rows = tl.minimum(L - pid_m * BLOCK_M, BLOCK_M)

@@ -128,6 +128,37 @@ __all__ = ["block_sparse_attention", "block_sparse_attention_reference"]
 # ======================================================================================
 if HAS_TRITON:
 
+    # -- helpers shared by every kernel here and in attention_stats.py (inlined by the compiler)
+    @triton.jit
+    def _load_operand(ptrs, ok, EVEN: tl.constexpr, UPCAST: tl.constexpr):
+        """A tile of Q/K/V/dO; ``ok`` masks positions past L (unused when EVEN: L is a tile multiple).
+        UPCAST: the interpreter's tl.dot on bf16 is broken, so emulate bf16 x bf16 -> fp32 there."""
+        if EVEN:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=ok, other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+        return x
+
+    @triton.jit
+    def _mask_scores(s, offs_m, offs_n, L, kpm_row, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr):
+        """Scores (BLOCK_M, BLOCK_N) -> -inf where the key is past L, padded (``kpm_row[n] == 0``, the
+        key-padding row of this batch) or, when CAUSAL, after the query."""
+        valid = offs_n[None, :] < L
+        if HAS_KPM:
+            kp = tl.load(kpm_row + offs_n, mask=offs_n < L, other=0)
+            valid = valid & (kp[None, :] != 0)
+        if CAUSAL:
+            valid = valid & (offs_m[:, None] >= offs_n[None, :])
+        return tl.where(valid, s, float("-inf"))
+
+    @triton.jit
+    def _lut_range(ptr, h, blk, NB, LUT_H_STRIDE):
+        """[lo, hi) of block row (CSR) or column (CSC) ``blk`` of head ``h`` in the layout's index table."""
+        i = h * LUT_H_STRIDE * NB + blk
+        return tl.load(ptr + i), tl.load(ptr + i + 1)
+
     @triton.jit
     def _fwd_kernel(
         Q, K, V, Out, Lse, KPM,
@@ -154,21 +185,13 @@ if HAS_TRITON:
 
         # -- the query tile: read once, BLOCK_M * D * e bytes
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-        if EVEN_L:
-            q = tl.load(q_ptrs)
-        else:
-            q = tl.load(q_ptrs, mask=offs_m[:, None] < L, other=0.0)
-        if UPCAST:  # interpreter: tl.dot on bf16 is broken there, emulate bf16 x bf16 -> fp32
-            q = q.to(tl.float32)
+        q = _load_operand(q_ptrs, offs_m[:, None] < L, EVEN_L, UPCAST)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
 
         # -- this tile's layout row in the CSR table
         SUB: tl.constexpr = BS // BLOCK_N
-        iblk = start_m // BS
-        row = h * LUT_H_STRIDE * NB + iblk
-        lo = tl.load(row_ptr + row)
-        hi = tl.load(row_ptr + row + 1)
+        lo, hi = _lut_range(row_ptr, h, start_m // BS, NB, LUT_H_STRIDE)
 
         if PHANTOM:
             m_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running max starts at the phantom logit 0
@@ -185,21 +208,10 @@ if HAS_TRITON:
             offs_n = start_n + offs_n0
             kt_ptrs = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
             v_ptrs = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
-            if EVEN_L:
-                kt = tl.load(kt_ptrs)
-            else:
-                kt = tl.load(kt_ptrs, mask=offs_n[None, :] < L, other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
+            kt = _load_operand(kt_ptrs, offs_n[None, :] < L, EVEN_L, UPCAST)
             qk = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale2
             if CAUSAL or HAS_KPM or (not EVEN_L):
-                valid = offs_n[None, :] < L
-                if HAS_KPM:
-                    kp = tl.load(KPM + b * stride_pb + offs_n, mask=offs_n < L, other=0)
-                    valid = valid & (kp[None, :] != 0)
-                if CAUSAL:
-                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
-                qk = tl.where(valid, qk, float("-inf"))
+                qk = _mask_scores(qk, offs_m, offs_n, L, KPM + b * stride_pb, CAUSAL, HAS_KPM)
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             if PHANTOM:
                 m_use = m_new  # >= 0, always finite
@@ -208,13 +220,9 @@ if HAS_TRITON:
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(qk - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            if EVEN_L:
-                vv = tl.load(v_ptrs)
-            else:
-                vv = tl.load(v_ptrs, mask=offs_n[:, None] < L, other=0.0)
+            vv = _load_operand(v_ptrs, offs_n[:, None] < L, EVEN_L, UPCAST)
             p = p.to(Out.dtype.element_ty)
             if UPCAST:
-                vv = vv.to(tl.float32)
                 p = p.to(tl.float32)
             acc = acc * alpha[:, None] + tl.dot(p, vv, input_precision=DOT_PREC)
             m_i = m_new
@@ -281,10 +289,7 @@ if HAS_TRITON:
         v_base = V + b * stride_vb + h * stride_vh
 
         SUB: tl.constexpr = BS // BLOCK_N
-        iblk = start_m // BS
-        row = h * LUT_H_STRIDE * NB + iblk
-        lo = tl.load(row_ptr + row)
-        hi = tl.load(row_ptr + row + 1)
+        lo, hi = _lut_range(row_ptr, h, start_m // BS, NB, LUT_H_STRIDE)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         for t in range(lo * SUB, hi * SUB):
             jblk = tl.load(col_idx + t // SUB)
@@ -292,24 +297,11 @@ if HAS_TRITON:
             offs_n = start_n + offs_n0
             k_ptrs = k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd  # (BLOCK_N, D)
             vt_ptrs = v_base + offs_n[None, :] * stride_vn + offs_d[:, None] * stride_vd  # (D, BLOCK_N)
-            if EVEN_L:
-                k = tl.load(k_ptrs)
-                vt = tl.load(vt_ptrs)
-            else:
-                k = tl.load(k_ptrs, mask=offs_n[:, None] < L, other=0.0)
-                vt = tl.load(vt_ptrs, mask=offs_n[None, :] < L, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                vt = vt.to(tl.float32)
+            k = _load_operand(k_ptrs, offs_n[:, None] < L, EVEN_L, UPCAST)
+            vt = _load_operand(vt_ptrs, offs_n[None, :] < L, EVEN_L, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * sm_scale2
             if CAUSAL or HAS_KPM or (not EVEN_L):
-                valid = offs_n[None, :] < L
-                if HAS_KPM:
-                    kp = tl.load(KPM + b * stride_pb + offs_n, mask=offs_n < L, other=0)
-                    valid = valid & (kp[None, :] != 0)
-                if CAUSAL:
-                    valid = valid & (offs_m[:, None] >= offs_n[None, :])
-                qk = tl.where(valid, qk, float("-inf"))
+                qk = _mask_scores(qk, offs_m, offs_n, L, KPM + b * stride_pb, CAUSAL, HAS_KPM)
             p = tl.exp2(qk - lse2[:, None])
             dp = tl.dot(do, vt, input_precision=DOT_PREC)
             ds = p * (dp - delta[:, None])
@@ -350,11 +342,8 @@ if HAS_TRITON:
 
         k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
         v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
-        k = tl.load(k_ptrs, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k = _load_operand(k_ptrs, col_ok[:, None], False, UPCAST)
+        v = _load_operand(v_ptrs, col_ok[:, None], False, UPCAST)
         key_ok = col_ok
         if HAS_KPM:
             kp = tl.load(KPM + b * stride_pb + offs_n, mask=col_ok, other=0)
@@ -363,10 +352,7 @@ if HAS_TRITON:
         do_base = DO + b * stride_dob + h * stride_doh
 
         SUB: tl.constexpr = BS // BLOCK_M
-        jblk = start_n // BS
-        col = h * LUT_H_STRIDE * NB + jblk
-        lo = tl.load(col_ptr + col)
-        hi = tl.load(col_ptr + col + 1)
+        lo, hi = _lut_range(col_ptr, h, start_n // BS, NB, LUT_H_STRIDE)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
         for t in range(lo * SUB, hi * SUB):
@@ -375,20 +361,15 @@ if HAS_TRITON:
             offs_m = start_m + offs_m0
             q_ptrs = q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd  # (BLOCK_M, D)
             do_ptrs = do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod
+            m_ok = offs_m < L
+            q = _load_operand(q_ptrs, m_ok[:, None], EVEN_L, UPCAST)
+            do = _load_operand(do_ptrs, m_ok[:, None], EVEN_L, UPCAST)
             if EVEN_L:
-                q = tl.load(q_ptrs)
-                do = tl.load(do_ptrs)
                 lse2 = tl.load(Lse + pid_bh * L + offs_m)
                 delta = tl.load(Delta + pid_bh * L + offs_m)
             else:
-                m_ok = offs_m < L
-                q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
                 lse2 = tl.load(Lse + pid_bh * L + offs_m, mask=m_ok, other=float("inf"))
                 delta = tl.load(Delta + pid_bh * L + offs_m, mask=m_ok, other=0.0)
-            if UPCAST:
-                q = q.to(tl.float32)
-                do = do.to(tl.float32)
             qkt = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * sm_scale2  # (BLOCK_N, BLOCK_M)
             if CAUSAL or HAS_KPM or (not EVEN_L):
                 valid = key_ok[:, None]
