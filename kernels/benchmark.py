@@ -216,16 +216,25 @@ def time_record_layouts(path: str, cfg: SweepConfig, device: torch.device, progr
     return time_layouts(B, H, L, D, block, jobs, cfg, device, progress, log, extra=src)
 
 
-def _time_point(kind, fn, q, k, v, dout, cfg, cuda, dense_flops, density, pattern) -> dict:
+def time_kernel(fn, q, k, v, dout, cfg: SweepConfig, cuda: bool, backward: bool) -> tuple[float, float | None]:
+    """(fwd ms, fwd+bwd ms or None): the one timing protocol of the sweep, its records and the GPU regression
+    tests, so that a test compares like with like (grads are cleared, not accumulated, between calls)."""
     fwd = _bench(lambda: fn(q, k, v), cfg, cuda)
+    if not backward:
+        return fwd, None
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        fn(q, k, v).backward(dout)
+
+    return fwd, _bench(step, cfg, cuda)
+
+
+def _time_point(kind, fn, q, k, v, dout, cfg, cuda, dense_flops, density, pattern) -> dict:
+    fwd, fb = time_kernel(fn, q, k, v, dout, cfg, cuda, cfg.backward)
     row = {"kernel": kind, "pattern": pattern, "density": density, "fwd_ms": fwd,
            "fwd_tflops_eff": density * dense_flops / (fwd * 1e-3) / 1e12}
-    if cfg.backward:
-        def step():
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v).backward(dout)
-
-        fb = _bench(step, cfg, cuda)
+    if fb is not None:
         row.update(fwdbwd_ms=fb, fwdbwd_tflops_eff=3.5 * density * dense_flops / (fb * 1e-3) / 1e12)
     return row
 
