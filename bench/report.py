@@ -171,8 +171,9 @@ def _mean_density(d: pd.Series) -> float:
 # ----------------------------------------------------------------------------- run suites
 
 def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
-    """methods (columns) × tasks (rows) table for one scale, plus published reference columns; also returns
-    the reduced-budget notes and whether any cell is within ``CHANCE_MARGIN`` points of chance."""
+    """methods (rows) × tasks (columns) table for one scale, published reference numbers as ``ref:`` rows below
+    them (a suite has few tasks and many methods); also returns the reduced-budget notes and whether any cell is
+    within ``CHANCE_MARGIN`` points of chance."""
     labels = sorted(df.label.unique())
     notes: dict[str, set] = {}
     near_chance = False
@@ -198,7 +199,8 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
             ref_cols += [col] if col not in ref_cols else []
             row[col] = _num(v)
         rows.append(row)
-    table = pd.DataFrame(rows).reindex(columns=["task (main metric)", *labels, *ref_cols]).fillna(NA)
+    wide = pd.DataFrame(rows).set_index("task (main metric)").reindex(columns=[*labels, *ref_cols]).fillna(NA)
+    table = wide.T.rename_axis("method").reset_index()
     return _md(table), notes, near_chance
 
 
@@ -432,7 +434,7 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
         md.append(f"## Scale: {scale}\n")
         md.append("### Quality\n")
         md.append("Main test metric per task, mean ± sample std (ddof=1) over seeds, (n) = number of runs. "
-                  "`ref:` columns are published numbers, not runs of this suite.\n")
+                  "`ref:` rows are published numbers, not runs of this suite.\n")
         table, notes, near_chance = _quality(s, refs)
         md.append(table)
         if near_chance:

@@ -99,8 +99,9 @@ def test_quality_table(rendered):
     md = _read(tmp, "r1", "lra.md")
     mean, std = statistics.mean([36.0, 38.0]), statistics.stdev([36.0, 38.0])
     assert f"{mean:.2f} ± {std:.2f} (2)" == "37.00 ± 1.41 (2)"  # sample std (ddof=1)
-    assert _cells(md, "task (main metric)") == ["task (main metric)", "bigbird", "dense [sdpa]", "ref: LRA Transformer"]
-    assert _cells(md, "listops (accuracy ↑)")[1:] == ["35.75 ± 1.06 (2)", "37.00 ± 1.41 (2)", "36.37"]
+    assert _cells(md, "method") == ["method", "listops (accuracy ↑)", "text (accuracy ↑)"]  # methods are rows
+    assert [_cells(md, r)[1] for r in ("bigbird", "dense [sdpa]", "ref: LRA Transformer")] == \
+        ["35.75 ± 1.06 (2)", "37.00 ± 1.41 (2)", "36.37"]
     assert "dense [sdpa]" in md and "ref: LRA Transformer" in md and "36.37" in md
     # text runs are reduced-budget: † on their cells, listops cells unmarked, footnote with the note
     assert "64.50 ± 0.707 (2) †" in md and "37.00 ± 1.41 (2) †" not in md
@@ -212,7 +213,8 @@ def test_spion_table(spion_rendered):
 
 def test_chance_marker(spion_rendered):
     _, _, md = spion_rendered
-    assert _cells(md, "lra_pathfinder (accuracy ↑)")[-1] == "–"
+    col = _cells(md, "method").index("lra_pathfinder (accuracy ↑)")
+    assert _cells(md, "spion_cf")[col] == "–"  # no SPION run on Pathfinder
     assert "51.50 (1) ◦" in md and "38.00 (1) ◦" not in md
     assert "◦ Within 2 points of chance accuracy: the run did not learn the task at this budget." in md
 
