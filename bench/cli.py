@@ -7,6 +7,10 @@ Examples
   python run_all.py --suite lra --resume                        # skip runs whose record exists
   python run_all.py --report                                    # render reports/ from results/ only
   python run_all.py --suite lra train.lr=3e-4 model.n_layers=4  # overrides: section.field=value
+  python run_all.py --suite lra --tasks text --methods spion_cf local:density=0.026   # fixed pattern at SPION's density
+  python run_all.py --suite kernels sweep.lengths=4096 sweep.head_dims=64           # kernel sweep (GPU), one shape
+  python run_all.py --suite kernels sweep.lengths= sweep.record_layouts=results/lra/<spion run>.json
+                                                   # SPION's learned layouts vs equal-density patterns
 """
 from __future__ import annotations
 
