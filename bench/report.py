@@ -643,7 +643,8 @@ def _env_footer(recs: list[dict]) -> str:
 
     def commit(r):
         c = (r["git"].get("commit") or "unknown")[:10]
-        return c + ("-dirty" if r["git"].get("dirty") else "")
+        errata = "".join(f" (erratum {i})" for i in r.get("_errata", ()))  # e.g. a stale git field
+        return c + ("-dirty" if r["git"].get("dirty") else "") + errata
 
     return ("## Environment\n\n"
             f"- GPU: {distinct(lambda r: r['env'].get('gpu') or 'CPU (' + str(r['env'].get('cpu')) + ')')}\n"
