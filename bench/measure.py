@@ -2,7 +2,9 @@
 
 CUDA: events around each step, read back only at sync points (a per-step synchronize would inflate fast
 steps), warm-up steps excluded, peak memory as the ``max_memory_allocated`` delta over what was allocated
-before the first step (model, optimizer state and data already resident are not counted).
+before the first step: the model and data already resident are not counted; gradients, activations and the
+optimizer state (AdamW creates it lazily in the first step) are. Methods that change attention during training
+(SPION) get one peak per phase: the peak statistics restart at each phase change.
 CPU: ``perf_counter`` around each step (the step ends with the optimizer update, which is synchronous);
 memory is not measured (reported as None, and the report prints "n/m").
 """
@@ -63,9 +65,11 @@ class StepTimer:
 
 
 class PeakMemory:
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, phase: str = "train"):
         self.cuda = device.type == "cuda"
         self.base = 0
+        self.phase = phase
+        self.by_phase: dict[str, float] = {}
 
     def reset(self) -> None:
         if self.cuda:
@@ -73,24 +77,44 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
 
+    def _peak(self) -> float:
+        return (torch.cuda.max_memory_allocated() - self.base) / 2**20
+
+    def set_phase(self, phase: str) -> None:
+        """Close the current phase's peak (MiB over the pre-training base) and start measuring the next one."""
+        if phase == self.phase:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.by_phase[self.phase] = max(self.by_phase.get(self.phase, 0.0), self._peak())
+            torch.cuda.reset_peak_memory_stats()
+        self.phase = phase
+
     def summary(self) -> dict:
         if not self.cuda:
             return {"peak_mem_mib": None, "peak_mem_note": "not measured on CPU"}
         torch.cuda.synchronize()
-        return {
-            "peak_mem_mib": (torch.cuda.max_memory_allocated() - self.base) / 2**20,
+        by_phase = {**self.by_phase, self.phase: max(self.by_phase.get(self.phase, 0.0), self._peak())}
+        out = {
+            "peak_mem_mib": max(by_phase.values()),
             "peak_reserved_mib": torch.cuda.max_memory_reserved() / 2**20,
             "resident_before_mib": self.base / 2**20,
-            "peak_mem_note": "max_memory_allocated minus memory allocated before the first step",
+            "peak_mem_note": "max_memory_allocated minus memory allocated before the first step (includes "
+                             "gradients and optimizer state)",
         }
+        if len(by_phase) > 1:
+            out["peak_mem_mib_by_phase"] = dict(sorted(by_phase.items()))
+        return out
 
 
 def time_inference(fn, batches: list, device: torch.device, n_tokens: list[int], n_seqs: list[int]) -> dict:
-    """Run ``fn(batch)`` once per batch for warm-up, then time one more pass over all batches."""
+    """Run ``fn(batch)`` once per batch for warm-up (every batch shape may compile or plan anew), then time one
+    more pass over all batches."""
     if not batches:
         return {}
     with torch.no_grad():
-        fn(batches[0])
+        for b in batches:
+            fn(b)
         if device.type == "cuda":
             torch.cuda.synchronize()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

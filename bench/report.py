@@ -30,7 +30,7 @@ from bench.registry import SUITES
 NA = "–"  # no runs for this cell
 NM = "n/m"  # not measured
 DAGGER, DDAGGER = "†", "‡"
-CHANCE_MARK, DENSE_CKPT = "◦", "§"
+CHANCE_MARK, DENSE_CKPT, MIXED_HW = "◦", "§", "¤"
 # chance accuracy (%) of the LRA tasks (classes: ListOps 10, Text 2, Retrieval 2, Image 10, Pathfinder 2)
 CHANCE = {"lra_listops": 10.0, "lra_text": 50.0, "lra_retrieval": 50.0, "lra_image": 10.0, "lra_pathfinder": 50.0}
 CHANCE_MARGIN = 2.0
@@ -132,6 +132,7 @@ def _runs_frame(recs: list[dict]) -> pd.DataFrame:
             reduced=bool(r["budget"].get("reduced")), note=r["budget"].get("note") or "(no note)",
             step_ms=meas.get("train_step_ms_median"), tok_s=meas.get("infer_tokens_per_s"),
             mem_mib=meas.get("peak_mem_mib"), density=info.get("density_per_layer"),
+            mem_by_phase=meas.get("peak_mem_mib_by_phase"), gpu=r["env"].get("gpu") or "CPU",
         ))
     df = pd.DataFrame(rows).sort_values(["scale", "task", "label", "seed", "path"], kind="stable")
     for c in ("step_ms", "tok_s", "mem_mib"):
@@ -177,7 +178,7 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
     labels = sorted(df.label.unique())
     notes: dict[str, set] = {}
     near_chance = False
-    rows, ref_cols = [], []
+    rows, ref_cols, marks = [], [], set()
     for task, t in df.groupby("task", sort=True):
         metric, hib = _task_metric(t)
         row = {"task (main metric)": f"{task} ({metric} {'↑' if hib else '↓'})"}
@@ -190,6 +191,12 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
                     notes.setdefault(note, set()).add(f"{task} / {label}")
             if g.seed.duplicated().any():
                 cell += f" {DDAGGER}"
+            if any(_dense_ckpt_tested_sparse(i) for i in g["info"]):
+                cell += f" {DENSE_CKPT}"
+                marks.add(DENSE_CKPT)
+            if g.gpu.nunique() > 1:
+                cell += f" {MIXED_HW}"
+                marks.add(MIXED_HW)
             if metric == "accuracy" and task in CHANCE and vals and abs(np.mean(vals) - CHANCE[task]) <= CHANCE_MARGIN:
                 cell += f" {CHANCE_MARK}"
                 near_chance = True
@@ -201,7 +208,14 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
         rows.append(row)
     wide = pd.DataFrame(rows).set_index("task (main metric)").reindex(columns=[*labels, *ref_cols]).fillna(NA)
     table = wide.T.rename_axis("method").reset_index()
-    return _md(table), notes, near_chance
+    md = _md(table)
+    if DENSE_CKPT in marks:
+        md += (f"\n{DENSE_CKPT} Includes runs whose best dev checkpoint predates their switch to sparse attention and was "
+               "tested with the final sparse attention (the original code's behaviour; spion.md pitfall 12): see the "
+               "SPION section for each phase's best checkpoint tested.\n")
+    if MIXED_HW in marks:
+        md += f"\n{MIXED_HW} Averages runs from different GPUs.\n"
+    return md, notes, near_chance
 
 
 def _efficiency(t: pd.DataFrame) -> str:
@@ -218,8 +232,10 @@ def _efficiency(t: pd.DataFrame) -> str:
     else:
         ref = pd.Series({"step_ms": np.nan, "tok_s": np.nan, "mem_mib": np.nan})
         out.append("No dense method with a measured step time here: ratios are n/m.\n")
+    mixed = t.groupby("label", sort=True).gpu.nunique() > 1
+    phased = t.groupby("label", sort=True).by_phase.apply(lambda x: any(len(d) > 1 for d in x))
     table = pd.DataFrame({
-        "method": g.index, "runs": g.n.astype(str).values,
+        "method": [lab + (f" {MIXED_HW}" if mixed[lab] else "") for lab in g.index], "runs": g.n.astype(str).values,
         "train step (ms)": [_num(v) for v in g.step_ms],
         # half the max-min range over seeds, relative: how far apart two runs of one config land
         "step spread": [f"±{50 * (hi - lo) / m:.1f} %" if n > 1 and m > 0 else NA
@@ -236,6 +252,12 @@ def _efficiency(t: pd.DataFrame) -> str:
     if dens:
         table["attention density per layer"] = [dens.get(label, NA) for label in g.index]
     out.append(_md(table))
+    if phased.any():
+        out.append(f"Runs that switch attention during training ({', '.join(phased[phased].index)}) are timed here over "
+                   "all their steps and their peak memory is the largest of any phase; per-phase numbers are in "
+                   "the SPION section.\n")
+    if mixed.any():
+        out.append(f"{MIXED_HW} Averages runs from different GPUs.\n")
     return "\n".join(out)
 
 
@@ -344,6 +366,12 @@ def _nearest_density(fixed: dict[str, tuple[float, float]], density: list) -> tu
     return label, *cand[label]
 
 
+def _dense_ckpt_tested_sparse(info: dict) -> bool:
+    """The reported test used a checkpoint picked before the run switched attention (spion.md pitfall 12)."""
+    phase = info.get("best_checkpoint_eval_phase") or (info.get("best_checkpoint") or {}).get("phase")
+    return phase == "dense" and info.get("transition_step") is not None
+
+
 def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: dict) -> dict:
     info, sparse_ms = r.info, r.by_phase.get("sparse")
     ts = info.get("transition_step")
@@ -352,10 +380,12 @@ def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: d
     else:
         trans = str(ts) + (f" (check {info['transition_check']})" if info.get("transition_check") is not None else "")
         trans += " forced (not in the original)" if info.get("forced_transition") else ""
+        if r.steps_run is not None and ts >= r.steps_run - 1:
+            trans += " = last step: no sparse training"
     bc = info.get("best_checkpoint") or {}
     phase = info.get("best_checkpoint_eval_phase") or bc.get("phase")
     best = NA if phase is None else f"{phase} @ {bc.get('step', '?')}"
-    if phase == "dense" and ts is not None:
+    if _dense_ckpt_tested_sparse(info):
         best += f" {DENSE_CKPT}"
     dens = info.get("density_per_layer") or []
     near_lab, near_ms, near_d = _nearest_density(fixed_all, dens)
@@ -365,6 +395,7 @@ def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: d
         "density per layer": ", ".join(f"{v:.3g}" for v in dens) or NA,
         "dense-phase ms": _num(r.by_phase.get("dense")),
         "sparse-phase ms": _num(sparse_ms, NA if ts is None else "none timed"),
+        "sparse-phase peak MiB": _num((r.mem_by_phase or {}).get("sparse"), NA),
         "sparse / fastest dense": _ratio_or_na(None if sparse_ms is None else sparse_ms / dense_ms),
         "sparse / fastest fixed (its density)": NA if sparse_ms is None or _isnan(fixed_ms) else
         f"{_ratio(sparse_ms / fixed_ms)} (d={_num(fixed_d, NA)})",

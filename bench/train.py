@@ -29,6 +29,16 @@ def seed_everything(seed: int) -> torch.Generator:
     return g
 
 
+def is_better(a: float, b: float | None, higher: bool) -> bool:
+    """Is dev score ``a`` an improvement on the best so far ``b`` (None: nothing yet)? A non-finite score never
+    is, and any finite one beats a non-finite best: a NaN eval must not become a permanent "best"."""
+    if a is None or not math.isfinite(a):
+        return False
+    if b is None or not math.isfinite(b):
+        return True
+    return a > b if higher else a < b
+
+
 def lr_lambda(cfg: TrainConfig, total_steps: int):
     """Multiplier of the peak LR at each step: linear warm-up, then the named decay."""
     warm = max(cfg.warmup_steps, 0)
@@ -117,6 +127,7 @@ class Trainer:
         timer, mem = StepTimer(self.device, tc.timing_warmup_steps), PeakMemory(self.device)
         batches = task.train_batches(gen)
         method.on_train_start(self)
+        mem.phase = self.phase  # a method may start in its own phase (SPION: "dense")
         mem.reset()
         model.train()
         loss_acc, loss_n = 0.0, 0
@@ -125,6 +136,7 @@ class Trainer:
             self.step = step
             batch = task.to_device(next(batches), self.device)
             method.before_step(self, step)
+            mem.set_phase(self.phase)  # syncs only when the phase changed
             handle = timer.start()
             with self.autocast():
                 loss, out = task.loss(model, batch)
@@ -161,7 +173,7 @@ class Trainer:
                                      "phase": self.phase, **{f"dev_{k}": v for k, v in dev.items()}})
                 bar.set_postfix(loss=f"{train_loss:.3f}", **{main: f"{dev[main]:.3f}"})
                 val = dev[main]
-                better = lambda a, b: b is None or (a > b if hib else a < b)  # noqa: E731
+                better = lambda a, b: is_better(a, b, hib)  # noqa: E731
                 if better(val, best_by_phase.get(self.phase, (None,))[0]):
                     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                     best_by_phase[self.phase] = (val, step + 1, state)

@@ -116,7 +116,7 @@ class _FixedPattern(Method):
         dens, params = [], []
         for core in self.cores:
             nb = math.ceil(core.spec.max_len / self.cfg.block_size)
-            dens.append(layout_density(core.layout_for(nb, "cpu")))
+            dens.append(layout_density(core.layout_for(nb, "cpu"), causal=core.spec.causal))  # blocks computed
             params.append(self.params(nb, core.spec.layer))
         out = {"block_size": self.cfg.block_size, "softmax_mode": "renorm", "density_per_layer": dens,
                "params_per_layer": params}

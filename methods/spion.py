@@ -396,11 +396,11 @@ def _best_eval(evals: list[dict], task) -> dict | None:
     """The eval the Trainer keeps as best (first strict improvement), to report which phase it ran in."""
     main = getattr(task, "MAIN_METRIC", "")
     higher = getattr(task, "METRICS", {}).get(main, True)
+    from bench.train import is_better
+
     best = None
     for e in evals:
-        if e["dev"] is None:
-            continue
-        if best is None or (e["dev"] > best["dev"] if higher else e["dev"] < best["dev"]):
+        if is_better(e["dev"], None if best is None else best["dev"], higher):
             best = e
     return best
 

@@ -201,13 +201,16 @@ def test_spion_table(spion_rendered):
     sec = md.split("### SPION")[1].split("#### lra_listops")[1]
     assert "Fastest dense: **flex** (16.00 ms/step); fastest fixed pattern: **bigbird** (10.00 ms/step" in sec
     cf = _cells(sec, "spion_cf")
-    assert cf[2:] == ["spion_cf", "phantom_zero", "1749 (check 7)", "8", "0.438, 0.438", "16.00", "8.00",
+    assert cf[2:] == ["spion_cf", "phantom_zero", "1749 (check 7)", "8", "0.438, 0.438", "16.00", "8.00", "–",
                       "0.50×", "0.80× (d=0.250)", "0.80× (bigbird, d=0.250)", "dense @ 750 §", "sparse",
                       "36.50 (sparse)"]
     c = _cells(sec, "spion_c")
-    assert c[4:12] == ["no transition in 2000 steps", "8", "–", "16.00", "–", "–", "–", "–"]
-    assert c[12] == "dense @ 750"  # no transition: a dense-phase checkpoint is no pitfall
+    assert c[4:13] == ["no transition in 2000 steps", "8", "–", "16.00", "–", "–", "–", "–", "–"]
+    assert c[13] == "dense @ 750"  # no transition: a dense-phase checkpoint is no pitfall
     assert "§ The best dev checkpoint is from the dense phase" in md
+    assert _cells(md, "spion_cf")[1].endswith("†  §") or " §" in _cells(md, "spion_cf")[1]  # quality cell marked
+    assert "§ Includes runs whose best dev checkpoint predates their switch" in md
+    assert "Runs that switch attention during training (spion_cf) are timed here over all" in md
     assert "lra_pathfinder" not in md.split("### SPION")[1]  # no SPION runs there
 
 
