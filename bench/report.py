@@ -223,7 +223,8 @@ def _efficiency(t: pd.DataFrame) -> str:
     g = t.groupby("label", sort=True).agg(
         n=("seed", "size"), dense=("dense", "any"),
         step_ms=("step_ms", "mean"), step_min=("step_ms", "min"), step_max=("step_ms", "max"),
-        tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"))
+        tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"), mixed=("gpu", lambda x: x.nunique() > 1),
+        phased=("by_phase", lambda x: any(len(d) > 1 for d in x)))
     best, _ = _fastest(t, t.dense)
     out = []
     if best is not None:
@@ -232,10 +233,8 @@ def _efficiency(t: pd.DataFrame) -> str:
     else:
         ref = pd.Series({"step_ms": np.nan, "tok_s": np.nan, "mem_mib": np.nan})
         out.append("No dense method with a measured step time here: ratios are n/m.\n")
-    mixed = t.groupby("label", sort=True).gpu.nunique() > 1
-    phased = t.groupby("label", sort=True).by_phase.apply(lambda x: any(len(d) > 1 for d in x))
     table = pd.DataFrame({
-        "method": [lab + (f" {MIXED_HW}" if mixed[lab] else "") for lab in g.index], "runs": g.n.astype(str).values,
+        "method": [lab + (f" {MIXED_HW}" if m else "") for lab, m in zip(g.index, g.mixed)], "runs": g.n.astype(str).values,
         "train step (ms)": [_num(v) for v in g.step_ms],
         # half the max-min range over seeds, relative: how far apart two runs of one config land
         "step spread": [f"±{50 * (hi - lo) / m:.1f} %" if n > 1 and m > 0 else NA
@@ -252,11 +251,11 @@ def _efficiency(t: pd.DataFrame) -> str:
     if dens:
         table["attention density per layer"] = [dens.get(label, NA) for label in g.index]
     out.append(_md(table))
-    if phased.any():
-        out.append(f"Runs that switch attention during training ({', '.join(phased[phased].index)}) are timed here over "
+    if g.phased.any():
+        out.append(f"Runs that switch attention during training ({', '.join(g.index[g.phased])}) are timed here over "
                    "all their steps and their peak memory is the largest of any phase; per-phase numbers are in "
                    "the SPION section.\n")
-    if mixed.any():
+    if g.mixed.any():
         out.append(f"{MIXED_HW} Averages runs from different GPUs.\n")
     return "\n".join(out)
 
