@@ -1,7 +1,6 @@
 """bench/report.py on synthetic records written into tmp_path (never results/ or reports/)."""
 from __future__ import annotations
 
-import math
 import statistics
 
 import pytest

@@ -1,5 +1,4 @@
 """CPU-path timings at small sizes, with exact work counters (see conftest.py for the regression gate)."""
-import pytest
 import torch
 
 from kernels import attention_stats, block_sparse_attention, build_lut, random_layout

@@ -1,7 +1,7 @@
 import pytest
 
 from bench.cli import build_run_config, parse_method_spec
-from bench.config import RunConfig, apply_overrides, config_hash, from_dict, TrainConfig
+from bench.config import TrainConfig, config_hash, from_dict
 from bench.errors import BenchError
 
 

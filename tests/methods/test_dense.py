@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bench.method import AttentionSpec
-from methods.dense import Dense, Eager, FlexConfig, FlexCore, SDPAConfig, eager_attention
+from methods.dense import Dense, Eager, FlexCore, SDPAConfig, eager_attention
 
 
 def _ref(q, k, v, kpm, causal):

@@ -1,9 +1,7 @@
 """GPT-style decoder: shapes, causality, weight tying, specs, and eager == dense (SDPA)."""
-import copy
 
 import torch
 
-from bench.method import NoConfig
 from bench.models.decoder import DecoderConfig, GPTDecoder
 from bench.registry import get_method
 

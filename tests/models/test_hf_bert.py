@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.method import AttentionCore, Method
+from bench.method import Method
 from bench.models.hf_bert import (BertScratchConfig, HFBertClassifier, install_method_attention, load_bert_encoder,
                                   resolve_pretrained)
 from bench.registry import get_method
