@@ -184,6 +184,20 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _other_hardware_note(path: Path, device) -> str:
+    """Record file names do not include the GPU: say so when --resume keeps a record made on other hardware."""
+    import json
+
+    import torch
+
+    here = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    there = (json.loads(path.read_text()).get("env") or {}).get("gpu")
+    if here == there:
+        return ""
+    return (f"; NOTE: it was measured on {there or 'CPU'}, this machine is {here or 'CPU'}: rerun without --resume "
+            f"to replace it, or use another --out")
+
+
 def _main(args) -> int:
     from bench import registry
     from bench.records import is_finished, record_filename, write_record
@@ -259,7 +273,7 @@ def _main(args) -> int:
     for i, (t, m, seed, cfg, path) in enumerate(sweep, 1):
         tag = f"[{i}/{len(plan)}] {t} {m.label} seed {seed}"
         if args.resume and is_finished(path):
-            print(f"{tag}: done already ({path})")
+            print(f"{tag}: done already ({path})" + _other_hardware_note(path, device))
             continue
         if t in data_failed:
             continue

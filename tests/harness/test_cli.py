@@ -103,3 +103,16 @@ def test_lra_suite_runs_what_it_can_and_says_why_it_skips(tmp_path):
     assert all("--data-dir" in line for line in skips)
     assert {p.name.split("__")[0] for p in (tmp_path / "r" / "lra").glob("*.json")} == {"lra_listops", "lra_pathfinder"}
     assert "data not available" in (tmp_path / "rep" / "lra.md").read_text()
+
+
+def test_resume_says_when_the_kept_record_was_measured_elsewhere(tmp_path):
+    import torch
+
+    from bench.cli import _other_hardware_note
+
+    rec = tmp_path / "r.json"
+    rec.write_text(json.dumps({"env": {"gpu": None}}))
+    assert _other_hardware_note(rec, torch.device("cpu")) == ""
+    rec.write_text(json.dumps({"env": {"gpu": "NVIDIA H100 80GB HBM3"}}))
+    note = _other_hardware_note(rec, torch.device("cpu"))
+    assert "measured on NVIDIA H100 80GB HBM3, this machine is CPU" in note and "without --resume" in note
