@@ -2,7 +2,7 @@
 # it, every record so far is re-packed into $OUT/records.tgz, so a call cut off at its time limit still returns
 # the finished runs.
 # Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step [step ...]
-# Steps: spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels
+# Steps: kernel_check spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
 res=/tmp/sparsebench-results; mkdir -p "$res" "$out"
 common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume)
@@ -31,6 +31,9 @@ step() {
     glue_small)    python3 run_all.py --suite glue --tasks cola mrpc rte stsb --methods dense "${common[@]}" "$minilm" ;;
     glue_sst2)     python3 run_all.py --suite glue --tasks sst2 --methods dense "${common[@]}" "$minilm" ;;
     kernels)       python3 run_all.py --suite kernels "${common[@]}" ;;
+    kernel_check)  # correctness (fwd + grads vs fp64) and the GPU regression gate, before any kernel timing
+                   python3 -m kernels.gpu_check --parts correctness --out "$res/gpu_check" &&
+                   python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_gpu_kernels.py ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
