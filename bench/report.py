@@ -556,10 +556,15 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
     """Log-log time vs density: colour = layout pattern, line style = kernel (so each block-sparse line sits
     next to Flex on the same layouts); dense kernels as horizontal lines."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
-    patterns = sorted(p for p in k.pattern.unique() if p != "dense")
+
+    def family(p: str) -> str:  # learned layouts: one colour per pattern family, not per layer
+        p = p.split("@")[0]
+        return "spion (learned)" if p.startswith("spion_layer") else p
+
+    patterns = sorted({family(p) for p in k.pattern.unique() if p != "dense"})
     sparse_kernels = sorted(k[k.pattern != "dense"].kernel.unique())
     dense_kernels = sorted(k[k.pattern == "dense"].kernel.unique())
-    styles = ["-", "--", ":", "-."]
+    styles, markers = ["-", "--", ":", "-."], ["o", "x", "^", "s"]
     for ax, t in zip(fig.subplots(1, 2), TIMES):
         for (kern, pat), g in k.groupby(["kernel", "pattern"], sort=True):
             g = g.dropna(subset=[t])
@@ -568,15 +573,17 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
             if pat == "dense":
                 ax.axhline(g[t].min(), lw=1, ls=styles[dense_kernels.index(kern) % 4], color="0.4")
             else:
-                ax.plot(g.density, g[t], marker="o", ms=4, ls=styles[sparse_kernels.index(kern) % 4],
-                        color=_color(patterns.index(pat)))
+                i = sparse_kernels.index(kern)
+                ax.plot(g.density, g[t], marker=markers[i % 4], ms=4, ls=styles[i % 4],
+                        color=_color(patterns.index(family(pat))))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("density (kept blocks)")
         ax.set_ylabel(f"{_tname(t)} time (ms)")
     handles = [Line2D([], [], color=_color(i), marker="o", label=p) for i, p in enumerate(patterns)]
-    handles += [Line2D([], [], color="k", ls=styles[i % 4], label=kn) for i, kn in enumerate(sparse_kernels)]
+    handles += [Line2D([], [], color="k", ls=styles[i % 4], marker=markers[i % 4], label=kn)
+                for i, kn in enumerate(sparse_kernels)]
     handles += [Line2D([], [], color="0.4", ls=styles[i % 4], label=f"{kn} (dense)") for i, kn in enumerate(dense_kernels)]
     fig.legend(handles=handles, loc="outside right center", fontsize=7)
     fig.suptitle(title, fontsize=10)
