@@ -210,7 +210,9 @@ def _main(args) -> int:
     scale = args.scale if args.scale != "auto" else ("small" if device.type == "cuda" else "tiny")
     tasks, explicit = resolve_tasks(args.suite, args.tasks)
     # without --methods each task gets the dense baselines plus the methods made for its own suite
-    suites_used = sorted({registry.get_task(t).suite or "" for t in tasks})
+    # (kernel sweeps and other non-training tasks take no methods, so they add none)
+    suites_used = sorted({registry.get_task(t).suite or "" for t in tasks
+                          if getattr(registry.get_task(t), "KIND", "run") == "run"})
     methods = [parse_method_spec(m) for m in args.methods] if args.methods else list(dict.fromkeys(
         m for s in suites_used for m in default_methods(s)))
     for m in methods:

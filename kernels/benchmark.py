@@ -196,8 +196,9 @@ def time_record_layouts(path: str, cfg: SweepConfig, device: torch.device, progr
     block), next to every ``cfg.patterns`` layout built at the same density and the dense kernels: the
     equal-density, attention-only comparison that a training step's time cannot give."""
     import json
+    from pathlib import Path
 
-    rec = json.loads(open(path, encoding="utf-8").read())
+    rec = json.loads(Path(path).read_text(encoding="utf-8"))
     info, model = rec.get("method_info", {}), rec.get("config", {}).get("model", {})
     layouts = info.get("layouts")
     if not layouts:

@@ -14,8 +14,11 @@ import hashlib
 import json
 import time
 
+from pathlib import Path
+
 from bench import env as envmod
 from bench.config import apply_overrides_to, to_dict
+from bench.errors import BenchError
 from bench.records import RunRecord
 from bench.registry import register_task
 from kernels.benchmark import PRESETS, SweepConfig, run_sweep
@@ -29,6 +32,14 @@ class KernelSweep:
     def __init__(self, scale: str, seed: int, device, progress: bool = False, overrides=()):
         self.scale, self.seed, self.device, self.progress = scale, seed, device, progress
         self.cfg: SweepConfig = apply_overrides_to(PRESETS[scale], [o.split(".", 1)[1] for o in overrides], "sweep")
+        for path in self.cfg.record_layouts:  # fail before any timing, in one line
+            p = Path(path)
+            if not p.is_file():
+                raise BenchError(f"sweep.record_layouts: {path} is not a file; pass run records, e.g. "
+                                 f"results/lra/<task>__spion_cf__...json")
+            if not (json.loads(p.read_text(encoding="utf-8")).get("method_info") or {}).get("layouts"):
+                raise BenchError(f"sweep.record_layouts: {path} holds no method_info.layouts (pass a SPION run "
+                                 f"that switched to sparse attention)")
 
     @classmethod
     def data_available(cls, data_dir, scale):

@@ -116,3 +116,12 @@ def test_resume_says_when_the_kept_record_was_measured_elsewhere(tmp_path):
     rec.write_text(json.dumps({"env": {"gpu": "NVIDIA H100 80GB HBM3"}}))
     note = _other_hardware_note(rec, torch.device("cpu"))
     assert "measured on NVIDIA H100 80GB HBM3, this machine is CPU" in note and "without --resume" in note
+
+
+def test_kernels_suite_takes_no_methods_and_checks_record_layouts_first(tmp_path):
+    r = run_all("--suite", "kernels", "--dry-run", "--out", str(tmp_path))
+    assert r.returncode == 0 and "skip method" not in r.stdout and r.stdout.count("[todo]") == 1
+    r = run_all("--suite", "kernels", "sweep.record_layouts=/nonexistent.json", "--out", str(tmp_path))
+    assert r.returncode == 2 and "sweep.record_layouts: /nonexistent.json is not a file" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.json"))  # failed before anything was timed or written
