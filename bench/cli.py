@@ -311,7 +311,13 @@ def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, pro
     method = registry.get_method(spec.name)(cfg.method_cfg, task)
     if spec.overrides:
         method.variant = ",".join(spec.overrides)
-    return Trainer(cfg, task, method, device, progress=progress).run()
+    record = Trainer(cfg, task, method, device, progress=progress).run()
+    folder = task_cls.data_folder(scale) if data_dir else None
+    if folder and (Path(data_dir) / folder).is_dir():  # offline data: say which copy (generated data: its notes)
+        from bench.records import data_fingerprint
+
+        record.budget["data_files"] = {"folder": folder, "sha256_16": data_fingerprint(Path(data_dir) / folder)}
+    return record
 
 
 def render(results: Path, reports: Path) -> int:

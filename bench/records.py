@@ -157,3 +157,17 @@ def is_finished(path: Path) -> bool:
     except (BenchError, OSError):
         return False
     return True
+
+
+def data_fingerprint(folder: Path) -> dict[str, str]:
+    """``{relative path: sha256 prefix}`` of every file under ``folder``: which copy of the data a run read."""
+    import hashlib
+
+    out = {}
+    for f in sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith(".")):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        out[f.relative_to(folder).as_posix()] = h.hexdigest()[:16]
+    return out

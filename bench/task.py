@@ -24,6 +24,7 @@ class Task:
     METRICS: dict[str, bool] = {}
     MAIN_METRIC: str = ""
     REFERENCE: dict[str, float] = {}  # published dense numbers for the report: column label -> value
+    DATA_FOLDER: str | None = None  # its folder under --data-dir; records fingerprint the files in it
 
     def __init__(self, cfg: Any, data_dir: Path | None = None):
         self.cfg = cfg  # RunConfig
@@ -34,6 +35,11 @@ class Task:
         """(model_cfg, data_cfg, train_cfg, notes) for ``scale``; notes say how the budget differs from
         the paper's (empty for ``paper``)."""
         raise NotImplementedError
+
+    @classmethod
+    def data_folder(cls, scale: str) -> str | None:
+        """The folder under ``--data-dir`` this task reads offline (None: generated or online only)."""
+        return cls.DATA_FOLDER
 
     @classmethod
     def data_available(cls, data_dir: Path | None, scale: str) -> str | None:

@@ -298,6 +298,10 @@ class GlueTask(Task):
         raise BenchError(f"unknown scale {scale!r}; valid: tiny, small, paper")
 
     @classmethod
+    def data_folder(cls, scale: str) -> str | None:
+        return f"glue/{cls.SPEC.dir}"
+
+    @classmethod
     def data_available(cls, data_dir: Path | None, scale: str) -> str | None:
         if data_dir is None:
             return None  # nyu-mll/glue from the HF hub in prepare(); DataUnavailable there if offline

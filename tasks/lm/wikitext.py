@@ -116,6 +116,7 @@ def eval_windows(n_tokens: int, ctx: int, stride: int = 0) -> list[tuple[int, in
 
 @register_task("wikitext2", suite="lm")
 class WikiText2(Task):
+    DATA_FOLDER = "wikitext2"
     ModelConfig = LMModelConfig
     DataConfig = LMDataConfig
     METRICS = {"ppl_token": False, "ppl_word": False}

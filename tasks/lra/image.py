@@ -226,6 +226,7 @@ LRA_ORIGINAL = (
 
 @register_task("lra_image", suite="lra")
 class Image(LRAClassificationTask):
+    DATA_FOLDER = FOLDER
     DataConfig = ImageDataConfig
     REFERENCE = {"LRA paper Transformer": 42.44, "Skyformer self-attn": 40.57, "Nystromformer standard": 38.20}
 

@@ -297,6 +297,7 @@ LRA_ORIGINAL = (
 
 @register_task("lra_listops", suite="lra")
 class ListOps(LRAClassificationTask):
+    DATA_FOLDER = FOLDER
     DataConfig = ListOpsDataConfig
     REFERENCE = {"LRA paper Transformer": 36.37, "Skyformer self-attn": 38.37, "Nystromformer standard": 37.10}
 

@@ -398,6 +398,7 @@ LRA_ORIGINAL = (
 
 @register_task("lra_pathfinder", suite="lra")
 class Pathfinder(LRAClassificationTask):
+    DATA_FOLDER = FOLDER
     DataConfig = PathfinderDataConfig
     REFERENCE = {"LRA paper Transformer": 71.40, "Skyformer self-attn": 65.26, "Nystromformer standard": 74.16}
 

@@ -108,6 +108,7 @@ LRA_ORIGINAL = (
 
 @register_task("lra_retrieval", suite="lra")
 class Retrieval(LRAClassificationTask):
+    DATA_FOLDER = FOLDER
     DataConfig = RetrievalDataConfig
     REFERENCE = {"LRA paper Transformer": 57.46, "Skyformer self-attn": 80.69, "Nystromformer standard": 79.35}
 

@@ -201,6 +201,7 @@ LRA_ORIGINAL = (
 
 @register_task("lra_text", suite="lra")
 class Text(LRAClassificationTask):
+    DATA_FOLDER = FOLDER
     DataConfig = TextDataConfig
     REFERENCE = {"LRA paper Transformer": 64.27, "Skyformer self-attn": 61.95, "Nystromformer standard": 65.02}
 

@@ -80,6 +80,7 @@ def read_parallel(directory: Path, stem: str, src_lang: str, tgt_lang: str) -> t
 
 @register_task("mt_multi30k", suite="mt")
 class Multi30kTranslation(Seq2SeqTask):
+    DATA_FOLDER = "multi30k"
     ModelConfig = Seq2SeqConfig
     DataConfig = MTDataConfig
     METRICS = {"bleu": True}

@@ -100,6 +100,10 @@ class SummarizationTask(Seq2SeqTask):
     ModelConfig = Seq2SeqConfig
     METRICS = {k: True for k in ROUGE_TYPES}
     MAIN_METRIC = "rougeL"
+
+    @classmethod
+    def data_folder(cls, scale: str) -> str | None:
+        return cls.presets(scale)[1].subdir
     SRC_LENGTHS = (512, 2048, 8192)
 
     @classmethod

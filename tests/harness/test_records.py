@@ -64,3 +64,24 @@ def test_git_commit_from_env_wins_over_a_stale_dot_git(monkeypatch):
         assert env.git_state() == {"commit": "0123abc", "dirty": False, "source": "env"}
     finally:
         env.git_state.cache_clear()
+
+
+def test_records_fingerprint_the_offline_data_they_read(tmp_path):
+    """A run from --data-dir names the copy it read: sha256 prefixes of the files in the task's folder."""
+    import hashlib
+    from pathlib import Path
+
+    import torch
+
+    from bench.cli import MethodSpec, build_run_config, run_one
+    from bench.records import data_fingerprint
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    fp = data_fingerprint(fixtures / "glue" / "RTE")
+    assert set(fp) == {"train.tsv.xz", "dev.tsv.xz", "test.tsv.xz"}
+    assert fp["dev.tsv.xz"] == hashlib.sha256((fixtures / "glue/RTE/dev.tsv.xz").read_bytes()).hexdigest()[:16]
+
+    spec = MethodSpec("eager")
+    cfg = build_run_config("glue_rte", spec, "tiny", 0, "cpu", ["train.steps=2", "train.eval_every=2"])
+    rec = run_one("glue_rte", spec, 0, cfg, torch.device("cpu"), fixtures, "tiny", False)
+    assert rec.budget["data_files"] == {"folder": "glue/RTE", "sha256_16": fp}
