@@ -8,6 +8,7 @@ only, variable length), which is exact and is what a user would do.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -130,9 +131,12 @@ class FlexConfig:
 
 
 class FlexCore(AttentionCore):
-    """Dense FlexAttention; key padding through a mask_mod (block mask rebuilt per batch)."""
+    """Dense FlexAttention; key padding through a mask_mod. The BlockMask is built once per batch and shared by
+    every layer that gets the same padding-mask tensor (benchmarks_and_baselines.md: rebuilding it per layer
+    costs Flex a large share of its throughput)."""
 
     _compiled = {}
+    _mask_cache: tuple = ()  # (weakref to the padding mask, (Lq, Lk, causal), BlockMask): the last batch's only
 
     def __init__(self, spec, compile_mode: str):
         super().__init__(spec)
@@ -159,12 +163,18 @@ class FlexCore(AttentionCore):
         if key_padding_mask is None and not causal:
             return flex(q, k, v)
         kpm, offset = key_padding_mask, Lk - Lq  # causal diagonal aligned bottom-right
+        key = (Lq, Lk, causal)
+        cached = FlexCore._mask_cache
+        if kpm is not None and cached and cached[1] == key and cached[0]() is kpm:
+            block_mask = cached[2]  # same batch, next layer
+        else:
+            def mask_mod(b, h, q_idx, kv_idx):
+                ok = kv_idx <= q_idx + offset if causal else kv_idx >= 0
+                return ok & kpm[b, kv_idx] if kpm is not None else ok
 
-        def mask_mod(b, h, q_idx, kv_idx):
-            ok = kv_idx <= q_idx + offset if causal else kv_idx >= 0
-            return ok & kpm[b, kv_idx] if kpm is not None else ok
-
-        block_mask = cbm(mask_mod, B if kpm is not None else None, None, Lq, Lk, device=q.device)
+            block_mask = cbm(mask_mod, B if kpm is not None else None, None, Lq, Lk, device=q.device)
+            if kpm is not None:  # a weak reference: a freed mask can never be matched by a new tensor
+                FlexCore._mask_cache = (weakref.ref(kpm), key, block_mask)
         out = flex(q, k, v, block_mask=block_mask)
         if kpm is not None:  # queries that see no key (all-padding rows) are padding: zero them
             out = out * kpm.any(1)[:, None, None, None].to(out.dtype)

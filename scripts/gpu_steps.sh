@@ -26,6 +26,8 @@ step() {
     image_matrix)  python3 run_all.py --suite lra --tasks image --methods bigbird longformer strided spion_c spion_f flex "${common[@]}" ;;
     pathfinder_matrix) python3 run_all.py --suite lra --tasks pathfinder --methods local longformer bigbird spion_c spion_f flex "${common[@]}" ;;
     flex_rest)     python3 run_all.py --suite lra --tasks text image --methods flex "${common[@]}" ;;
+    flex_rerun)    # erratum 3: the Flex baseline with its BlockMask built once per batch (same config hashes)
+                   python3 run_all.py --suite lra --tasks listops pathfinder text image --methods flex "${common[@]}" ;;
     mt)            python3 run_all.py --suite mt --methods dense "${common[@]}" ;;
     qmsum)         python3 run_all.py --suite summarization --tasks qmsum --methods dense "${common[@]}" ;;
     glue_small)    python3 run_all.py --suite glue --tasks cola mrpc rte stsb --methods dense "${common[@]}" "$minilm" ;;

@@ -33,3 +33,22 @@ def test_eager_fully_masked_row_is_zero_not_nan():
     q = k = v = torch.randn(1, 1, 4, 8)
     kpm = torch.tensor([[False, False, False, False]])
     assert torch.equal(eager_attention(q, k, v, kpm), torch.zeros_like(q))
+
+
+def test_flex_builds_one_block_mask_per_batch_not_per_layer(monkeypatch):
+    from torch.nn.attention import flex_attention as fa
+
+    built = []
+    real = fa.create_block_mask
+    monkeypatch.setattr(fa, "create_block_mask", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    spec = AttentionSpec(layer=0, n_heads=2, head_dim=16, max_len=32)
+    layers = [FlexCore(spec, "off") for _ in range(3)]
+    g = torch.Generator().manual_seed(0)
+    q = k = v = torch.randn(2, 2, 32, 16, generator=g)
+    for batch in range(2):
+        kpm = torch.ones(2, 32, dtype=torch.bool)
+        kpm[1, 20 + batch:] = False  # a new mask tensor per batch, shared by every layer
+        ref = _ref(q, k, v, kpm, False).float()
+        for core in layers:
+            torch.testing.assert_close(core(q, k, v, kpm), ref, atol=1e-5, rtol=1e-4)
+    assert len(built) == 2  # once per batch
