@@ -63,10 +63,27 @@ class SDPACore(AttentionCore):
 
     def forward(self, q, k, v, key_padding_mask=None):
         with self._ctx():
-            if (self.backend == "flash" and not self.spec.causal and key_padding_mask is not None
-                    and q.shape[2] == k.shape[2] and not bool(key_padding_mask.all())):
+            if (self.backend == "flash" and not self.spec.causal and q.shape[2] == k.shape[2]
+                    and has_padding(key_padding_mask)):
                 return _sdpa_jagged(q, k, v, key_padding_mask)
             return masked_sdpa(q, k, v, key_padding_mask, self.spec.causal)
+
+
+_PADDING_CACHE: tuple = ()  # (weakref to the last padding mask seen, its _version, whether it hides any key)
+
+
+def has_padding(key_padding_mask) -> bool:
+    """Does this (B, Lk) mask hide any key? Asked by every layer, answered with one device-to-host sync per
+    batch: the layers of a model share one mask tensor, and a weak reference never matches a new tensor."""
+    global _PADDING_CACHE
+    if key_padding_mask is None:
+        return False
+    version = key_padding_mask._version  # an in-place edit of the same tensor is a new mask
+    if _PADDING_CACHE and _PADDING_CACHE[0]() is key_padding_mask and _PADDING_CACHE[1] == version:
+        return _PADDING_CACHE[2]
+    answer = not bool(key_padding_mask.all())
+    _PADDING_CACHE = (weakref.ref(key_padding_mask), version, answer)
+    return answer
 
 
 def masked_sdpa(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
@@ -78,7 +95,7 @@ def masked_sdpa(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
     """
     Lq, Lk = q.shape[2], k.shape[2]
     causal = causal and Lq > 1
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
+    if not has_padding(key_padding_mask):
         key_padding_mask = None  # no padding in this batch: let every backend run maskless
     if key_padding_mask is None and (not causal or Lq == Lk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=dropout_p)
@@ -158,12 +175,12 @@ class FlexCore(AttentionCore):
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
         causal = self.spec.causal and Lq > 1
-        if key_padding_mask is not None and bool(key_padding_mask.all()):
+        if not has_padding(key_padding_mask):
             key_padding_mask = None
         if key_padding_mask is None and not causal:
             return flex(q, k, v)
         kpm, offset = key_padding_mask, Lk - Lq  # causal diagonal aligned bottom-right
-        key = (Lq, Lk, causal)
+        key = (Lq, Lk, causal, None if kpm is None else kpm._version)
         cached = FlexCore._mask_cache
         if kpm is not None and cached and cached[1] == key and cached[0]() is kpm:
             block_mask = cached[2]  # same batch, next layer

@@ -52,3 +52,13 @@ def test_flex_builds_one_block_mask_per_batch_not_per_layer(monkeypatch):
         for core in layers:
             torch.testing.assert_close(core(q, k, v, kpm), ref, atol=1e-5, rtol=1e-4)
     assert len(built) == 2  # once per batch
+
+
+def test_has_padding_asks_once_per_mask_and_sees_in_place_edits():
+    from methods.dense import has_padding
+
+    kpm = torch.ones(2, 8, dtype=torch.bool)
+    assert not has_padding(kpm) and not has_padding(kpm) and not has_padding(None)
+    kpm[0, 5:] = False  # same tensor, edited in place: a new answer
+    assert has_padding(kpm)
+    assert not has_padding(torch.ones(2, 8, dtype=torch.bool))  # a new tensor
