@@ -7,6 +7,7 @@ goes to a temporary file in the same directory, is fsynced, then renamed over th
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -160,7 +161,13 @@ def is_finished(path: Path) -> bool:
 
 
 def data_fingerprint(folder: Path) -> dict[str, str]:
-    """``{relative path: sha256 prefix}`` of every file under ``folder``: which copy of the data a run read."""
+    """``{relative path: sha256 prefix}`` of every file under ``folder``: which copy of the data a run read.
+    Hashed once per process and folder (a sweep runs many methods on one copy)."""
+    return dict(_fingerprint(str(Path(folder).resolve())))
+
+
+@functools.lru_cache(maxsize=32)
+def _fingerprint(folder: str) -> tuple[tuple[str, str], ...]:
     import hashlib
 
     out = {}
@@ -170,4 +177,4 @@ def data_fingerprint(folder: Path) -> dict[str, str]:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
         out[f.relative_to(folder).as_posix()] = h.hexdigest()[:16]
-    return out
+    return tuple(out.items())

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-
 from pathlib import Path
 
 from bench import env as envmod
