@@ -365,10 +365,14 @@ def _nearest_density(fixed: dict[str, tuple[float, float]], density: list) -> tu
     return label, *cand[label]
 
 
+def _best_ckpt_phase(info: dict) -> str | None:
+    """The phase whose dev eval picked the reported checkpoint."""
+    return info.get("best_checkpoint_eval_phase") or (info.get("best_checkpoint") or {}).get("phase")
+
+
 def _dense_ckpt_tested_sparse(info: dict) -> bool:
     """The reported test used a checkpoint picked before the run switched attention (spion.md pitfall 12)."""
-    phase = info.get("best_checkpoint_eval_phase") or (info.get("best_checkpoint") or {}).get("phase")
-    return phase == "dense" and info.get("transition_step") is not None
+    return _best_ckpt_phase(info) == "dense" and info.get("transition_step") is not None
 
 
 def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: dict) -> dict:
@@ -381,9 +385,8 @@ def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: d
         trans += " forced (not in the original)" if info.get("forced_transition") else ""
         if r.steps_run is not None and ts >= r.steps_run - 1:
             trans += " = last step: no sparse training"
-    bc = info.get("best_checkpoint") or {}
-    phase = info.get("best_checkpoint_eval_phase") or bc.get("phase")
-    best = NA if phase is None else f"{phase} @ {bc.get('step', '?')}"
+    phase = _best_ckpt_phase(info)
+    best = NA if phase is None else f"{phase} @ {(info.get('best_checkpoint') or {}).get('step', '?')}"
     if _dense_ckpt_tested_sparse(info):
         best += f" {DENSE_CKPT}"
     dens = info.get("density_per_layer") or []

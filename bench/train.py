@@ -173,11 +173,10 @@ class Trainer:
                                      "phase": self.phase, **{f"dev_{k}": v for k, v in dev.items()}})
                 bar.set_postfix(loss=f"{train_loss:.3f}", **{main: f"{dev[main]:.3f}"})
                 val = dev[main]
-                better = lambda a, b: is_better(a, b, hib)  # noqa: E731
-                if better(val, best_by_phase.get(self.phase, (None,))[0]):
+                if is_better(val, best_by_phase.get(self.phase, (None,))[0], hib):
                     state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
                     best_by_phase[self.phase] = (val, step + 1, state)
-                    if better(val, best_val):
+                    if is_better(val, best_val, hib):
                         best_val, best_step, best_dev, best_state, best_phase = val, step + 1, dev, state, self.phase
         bar.close()
         steps_run = tc.steps

@@ -69,21 +69,31 @@ class SDPACore(AttentionCore):
             return masked_sdpa(q, k, v, key_padding_mask, self.spec.causal)
 
 
-_PADDING_CACHE: tuple = ()  # (weakref to the last padding mask seen, its _version, whether it hides any key)
+class _PerMask:
+    """One value computed from the last padding-mask tensor seen (and an extra key): every layer of a model gets
+    the same mask tensor for a batch, so the value is computed once per batch, not once per layer. A weak
+    reference never matches a new tensor; the tensor's ``_version`` catches an in-place edit."""
+
+    def __init__(self):
+        self._entry: tuple = ()  # (weakref to the mask, (its _version, key), value)
+
+    def get(self, mask: torch.Tensor, key, compute):
+        e = self._entry
+        if e and e[0]() is mask and e[1] == (mask._version, key):
+            return e[2]
+        value = compute()
+        self._entry = (weakref.ref(mask), (mask._version, key), value)
+        return value
+
+
+_ANY_PADDING = _PerMask()
 
 
 def has_padding(key_padding_mask) -> bool:
-    """Does this (B, Lk) mask hide any key? Asked by every layer, answered with one device-to-host sync per
-    batch: the layers of a model share one mask tensor, and a weak reference never matches a new tensor."""
-    global _PADDING_CACHE
+    """Does this (B, Lk) mask hide any key? A device-to-host sync, asked once per batch (``_PerMask``)."""
     if key_padding_mask is None:
         return False
-    version = key_padding_mask._version  # an in-place edit of the same tensor is a new mask
-    if _PADDING_CACHE and _PADDING_CACHE[0]() is key_padding_mask and _PADDING_CACHE[1] == version:
-        return _PADDING_CACHE[2]
-    answer = not bool(key_padding_mask.all())
-    _PADDING_CACHE = (weakref.ref(key_padding_mask), version, answer)
-    return answer
+    return _ANY_PADDING.get(key_padding_mask, None, lambda: not bool(key_padding_mask.all()))
 
 
 def masked_sdpa(q, k, v, key_padding_mask=None, causal=False, dropout_p=0.0):
@@ -153,7 +163,7 @@ class FlexCore(AttentionCore):
     costs Flex a large share of its throughput)."""
 
     _compiled = {}
-    _mask_cache: tuple = ()  # (weakref to the padding mask, (Lq, Lk, causal), BlockMask): the last batch's only
+    _block_masks = _PerMask()  # the last batch's BlockMask, per (Lq, Lk, causal)
 
     def __init__(self, spec, compile_mode: str):
         super().__init__(spec)
@@ -180,18 +190,15 @@ class FlexCore(AttentionCore):
         if key_padding_mask is None and not causal:
             return flex(q, k, v)
         kpm, offset = key_padding_mask, Lk - Lq  # causal diagonal aligned bottom-right
-        key = (Lq, Lk, causal, None if kpm is None else kpm._version)
-        cached = FlexCore._mask_cache
-        if kpm is not None and cached and cached[1] == key and cached[0]() is kpm:
-            block_mask = cached[2]  # same batch, next layer
-        else:
-            def mask_mod(b, h, q_idx, kv_idx):
-                ok = kv_idx <= q_idx + offset if causal else kv_idx >= 0
-                return ok & kpm[b, kv_idx] if kpm is not None else ok
 
-            block_mask = cbm(mask_mod, B if kpm is not None else None, None, Lq, Lk, device=q.device)
-            if kpm is not None:  # a weak reference: a freed mask can never be matched by a new tensor
-                FlexCore._mask_cache = (weakref.ref(kpm), key, block_mask)
+        def mask_mod(b, h, q_idx, kv_idx):
+            ok = kv_idx <= q_idx + offset if causal else kv_idx >= 0
+            return ok & kpm[b, kv_idx] if kpm is not None else ok
+
+        def build():
+            return cbm(mask_mod, B if kpm is not None else None, None, Lq, Lk, device=q.device)
+
+        block_mask = build() if kpm is None else FlexCore._block_masks.get(kpm, (Lq, Lk, causal), build)
         out = flex(q, k, v, block_mask=block_mask)
         if kpm is not None:  # queries that see no key (all-padding rows) are padding: zero them
             out = out * kpm.any(1)[:, None, None, None].to(out.dtype)
