@@ -4,6 +4,12 @@ Two config lineages (``../shared/specs/benchmarks_and_baselines.md``): the origi
 (CLS pooling, wide models) and the Skyformer/Nystromformer/SPION family (2 layers, 64 dims, MEAN pooling
 over all positions, padding included, after ``LN(x) * token_mask``). Retrieval runs two documents
 through the shared encoder and classifies ``[x0, x1, x0*x1, x0-x1]``.
+
+Method hooks: every block's attention core (``AttentionSpec``) and FFN (``FFNSpec``) come from the method; after
+block ``i`` the method may put a pooler (``method.pooler(PoolerSpec(layer=i, ...))``) that runs as
+``x, mask = pooler(x, mask)`` on the token mask (even when ``attention_padding_mask`` is off, the encoder tracks
+it for the final ``LN(x) * mask`` pooling) and may shorten the sequence; later blocks are built for
+``pooler.output_length(L)`` positions. With CLS pooling the pooler must keep position 0 (the CLS token).
 """
 from __future__ import annotations
 
@@ -12,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bench.method import AttentionSpec
-from bench.models.layers import PreLNBlock
+from bench.method import AttentionSpec, PoolerSpec
+from bench.models.layers import PreLNBlock, apply_pooler
 
 
 @dataclass(frozen=True)
@@ -46,14 +52,22 @@ class LRAEncoder(nn.Module):
         self.pos = nn.Embedding(cfg.max_len + extra, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         head_dim = cfg.d_qkv // cfg.n_heads
-        self.blocks = nn.ModuleList(
-            PreLNBlock(
+        blocks, poolers = [], []
+        length = cfg.max_len + extra  # longest sequence the next block sees (shortened by poolers)
+        for i in range(cfg.n_layers):
+            blocks.append(PreLNBlock(
                 cfg.d_model, cfg.n_heads, cfg.d_ff, method,
-                AttentionSpec(layer=i, n_heads=cfg.n_heads, head_dim=head_dim, max_len=cfg.max_len + extra),
+                AttentionSpec(layer=i, n_heads=cfg.n_heads, head_dim=head_dim, max_len=length),
                 cfg.dropout, cfg.d_qkv,
-            )
-            for i in range(cfg.n_layers)
-        )
+            ))
+            pooler = method.pooler(PoolerSpec(layer=i, d_model=cfg.d_model, max_len=length, stack="encoder"))
+            poolers.append(pooler)
+            if pooler is not None:
+                length = pooler.output_length(length)
+        self.blocks = nn.ModuleList(blocks)
+        self.poolers = nn.ModuleList(p if p is not None else nn.Identity() for p in poolers)
+        self._has_pooler = [p is not None for p in poolers]
+        self.out_len = length  # longest sequence after the last block (and its pooler)
         self.ln = nn.LayerNorm(cfg.d_model)
         d_in = cfg.d_model * (4 if cfg.dual else 1)
         self.head = nn.Sequential(nn.Linear(d_in, cfg.d_model), nn.ReLU(), nn.Linear(cfg.d_model, cfg.n_classes))
@@ -69,8 +83,11 @@ class LRAEncoder(nn.Module):
         pos = torch.arange(L, device=tokens.device)
         x = self.drop(self.tok(tokens) + self.pos(pos)[None])  # (B, L, d)
         attn_mask = mask if self.cfg.attention_padding_mask else None
-        for blk in self.blocks:
+        for blk, pool, has in zip(self.blocks, self.poolers, self._has_pooler):
             x = blk(x, attn_mask)
+            if has:
+                x, mask = apply_pooler(pool, x, mask)
+                attn_mask = mask if self.cfg.attention_padding_mask else None
         x = self.ln(x) * mask[..., None].to(x.dtype)
         return x[:, 0] if self.cfg.pooling == "cls" else x.mean(1)
 

@@ -1,10 +1,14 @@
 """Encoder-decoder Transformer (pre-LN) with pluggable attention, plus greedy and beam decoding.
 
-Every attention layer gets its core from the method:
-- encoder self-attention: ``AttentionSpec(kind="self", stack="encoder", causal=False)``, ``max_len=max_src_len``;
-- decoder self-attention: ``AttentionSpec(kind="decoder_self", stack="decoder", causal=True)``;
-- cross-attention:        ``AttentionSpec(kind="cross", stack="decoder", causal=False)``, ``max_len=max_src_len``
-  (queries are target positions, keys the encoder memory: Lq != Lk).
+Every attention layer gets its core from the method (``AttentionSpec.max_len`` = query length, ``max_len_kv`` =
+key length where it differs):
+- encoder self-attention: ``AttentionSpec(kind="self", stack="encoder", causal=False)``, ``max_len`` = the
+  layer's input length (``max_src_len``, or less after a pooler);
+- decoder self-attention: ``AttentionSpec(kind="decoder_self", stack="decoder", causal=True)``, ``max_len=max_tgt_len``;
+- cross-attention:        ``AttentionSpec(kind="cross", stack="decoder", causal=False)``, ``max_len=max_tgt_len``,
+  ``max_len_kv`` = the encoder's output length (``max_src_len`` after its poolers): queries are target
+  positions, keys the encoder memory (Lq != Lk).
+Every FFN comes from ``method.ffn(FFNSpec(stack="encoder"|"decoder", max_len=<the layer's length>), default)``.
 
 Embeddings: ``sqrt(d) * Emb(tokens) + sinusoidal(position)`` (Vaswani et al.), so any source length works
 (long-document summarization uses 2k-16k source tokens); with ``tie_embeddings`` one matrix is shared by the
@@ -18,10 +22,11 @@ flex cores do (``tests/models/test_seq2seq.py`` checks cached == full recompute 
 Decoder self-attention gets no key-padding mask: targets are right-padded, so with the causal mask a real
 query never sees a padding key (padded query rows are ignored by the loss).
 
-Encoder pooling hook (token-dropping methods such as Pyramidion/top-k pooling): when the method's
-``make_encoder_pooler(layer, d_model, max_len)`` (``bench/method.py``) returns a module, it runs after encoder
-layer ``layer`` as ``x, mask = pooler(x, mask)`` and may shorten the sequence; the decoder cross-attends to
-what comes out (with its mask).
+Encoder pooling hook (token-dropping methods such as Pyramidion/top-k pooling): when
+``method.pooler(PoolerSpec(layer=i, d_model, max_len))`` (``bench/method.py``) returns a module, it runs after
+encoder layer ``i`` as ``x, mask = pooler(x, mask)`` and may shorten the sequence to at most
+``pooler.output_length(max_len)`` positions, the length later encoder layers (and the cross-attention keys) are
+built for; the decoder cross-attends to what comes out (with its mask).
 """
 from __future__ import annotations
 
@@ -32,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.method import AttentionSpec
-from bench.models.layers import MultiHeadAttention, PreLNBlock
+from bench.method import AttentionSpec, FFNSpec, PoolerSpec
+from bench.models.layers import MultiHeadAttention, PreLNBlock, apply_pooler, method_ffn
 
 
 @dataclass(frozen=True)
@@ -74,9 +79,10 @@ def _attend(mha: MultiHeadAttention, q_in: torch.Tensor, k: torch.Tensor, v: tor
 
 
 class DecoderLayer(nn.Module):
-    """x + SelfAttn(LN(x)); x + CrossAttn(LN(x), memory); x + MLP(LN(x))."""
+    """x + SelfAttn(LN(x)); x + CrossAttn(LN(x), memory); x + MLP(LN(x)). ``mem_len``: the longest memory
+    (encoder output) the cross-attention sees; default ``cfg.max_src_len``."""
 
-    def __init__(self, cfg: Seq2SeqConfig, method, layer: int):
+    def __init__(self, cfg: Seq2SeqConfig, method, layer: int, mem_len: int | None = None):
         super().__init__()
         d, h = cfg.d_model, cfg.n_heads
         hd = d // h
@@ -90,14 +96,15 @@ class DecoderLayer(nn.Module):
         self.ln2 = nn.LayerNorm(d)
         self.cross_attn = MultiHeadAttention(
             d, h, method,
-            AttentionSpec(layer=layer, n_heads=h, head_dim=hd, max_len=cfg.max_src_len, causal=False,
-                          kind="cross", stack="decoder"),
+            AttentionSpec(layer=layer, n_heads=h, head_dim=hd, max_len=cfg.max_tgt_len, causal=False,
+                          kind="cross", stack="decoder", max_len_kv=mem_len or cfg.max_src_len),
             cfg.dropout,
         )
         self.ln3 = nn.LayerNorm(d)
-        self.mlp = nn.Sequential(
-            nn.Linear(d, cfg.d_ff), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.d_ff, d), nn.Dropout(cfg.dropout)
-        )
+        self.mlp, default = method_ffn(
+            method, FFNSpec(layer=layer, stack="decoder", d_model=d, d_ff=cfg.d_ff, activation="gelu",
+                            max_len=cfg.max_tgt_len), cfg.dropout)
+        self._ffn_default = (default,)
 
     def forward(self, x, memory, memory_mask):
         x = x + self.self_attn(self.ln1(x))
@@ -145,18 +152,23 @@ class Seq2SeqTransformer(nn.Module):
             self.tgt_emb.weight[pad_id].zero_()
         self.drop = nn.Dropout(cfg.dropout)
         hd = d // cfg.n_heads
-        self.enc = nn.ModuleList(
-            PreLNBlock(d, cfg.n_heads, cfg.d_ff, method,
-                       AttentionSpec(layer=i, n_heads=cfg.n_heads, head_dim=hd, max_len=cfg.max_src_len,
-                                     causal=False, kind="self", stack="encoder"),
-                       cfg.dropout)
-            for i in range(cfg.n_enc_layers)
-        )
-        poolers = [method.make_encoder_pooler(i, d, cfg.max_src_len) for i in range(cfg.n_enc_layers)]
+        enc, poolers = [], []
+        length = cfg.max_src_len  # longest sequence the next encoder layer sees (shortened by poolers)
+        for i in range(cfg.n_enc_layers):
+            enc.append(PreLNBlock(d, cfg.n_heads, cfg.d_ff, method,
+                                  AttentionSpec(layer=i, n_heads=cfg.n_heads, head_dim=hd, max_len=length,
+                                                causal=False, kind="self", stack="encoder"),
+                                  cfg.dropout))
+            pooler = method.pooler(PoolerSpec(layer=i, d_model=d, max_len=length, stack="encoder"))
+            poolers.append(pooler)
+            if pooler is not None:
+                length = pooler.output_length(length)
+        self.enc = nn.ModuleList(enc)
         self.poolers = nn.ModuleList(p if p is not None else nn.Identity() for p in poolers)
         self._has_pooler = [p is not None for p in poolers]
+        self.mem_len = length  # longest encoder output (memory) the decoder cross-attends to
         self.enc_ln = nn.LayerNorm(d)
-        self.dec = nn.ModuleList(DecoderLayer(cfg, method, i) for i in range(cfg.n_dec_layers))
+        self.dec = nn.ModuleList(DecoderLayer(cfg, method, i, self.mem_len) for i in range(cfg.n_dec_layers))
         self.dec_ln = nn.LayerNorm(d)
         self.out_proj = None if cfg.tie_embeddings else nn.Linear(d, tgt_vocab_size, bias=False)
 
@@ -177,7 +189,7 @@ class Seq2SeqTransformer(nn.Module):
         for blk, pool, has in zip(self.enc, self.poolers, self._has_pooler):
             x = blk(x, mask)
             if has:
-                x, mask = pool(x, mask)
+                x, mask = apply_pooler(pool, x, mask)
         return self.enc_ln(x), mask
 
     def decode(self, tgt_in: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:

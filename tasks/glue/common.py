@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from bench.config import TrainConfig
 from bench.errors import BenchError, DataUnavailable
-from bench.models.hf_bert import (MINILM, BertScratchConfig, HFBertClassifier, install_method_attention,
+from bench.models.hf_bert import (MINILM, BertScratchConfig, HFBertClassifier, install_method_hooks,
                                   load_bert_encoder)
 from bench.task import Task
 from bench.text import find_file, read_text
@@ -406,7 +406,7 @@ class GlueTask(Task):
                                         max_len=dc.max_len)
         vocab = len(self.tokenizer) if hasattr(self, "tokenizer") else None
         encoder = load_bert_encoder(mc.pretrained, scratch, vocab_size=vocab)
-        install_method_attention(encoder, method, max_len=dc.max_len)
+        install_method_hooks(encoder, method, max_len=dc.max_len)  # attention, FFN and pooler hooks
         return HFBertClassifier(encoder, self.n_out, pooling=mc.pooling, dropout=mc.classifier_dropout)
 
     def _forward(self, model, batch: dict) -> torch.Tensor:

@@ -4,7 +4,7 @@
   asks the method for every core with ``AttentionSpec(kind="self", stack="encoder", max_len=max_src_len)``;
   blockwise/local encoder attention is a *method* (block-sparse kernel in ``kernels/``), never done here.
   Token-dropping methods (top-k pooling / Pyramidion) plug in through the encoder pooling hook
-  (``method.make_encoder_pooler``, see ``bench/models/seq2seq.py``).
+  (``method.make_pooler(PoolerSpec)``, see ``bench/models/seq2seq.py``).
 - Sources longer than ``model.max_src_len`` tokens are truncated (head kept); source batches are padded up to a
   multiple of ``data.src_pad_multiple`` so block-sparse layouts tile them (pad keys are masked).
 - Targets: reference sentences joined by newlines (so the model can learn sentence breaks and ROUGE-Lsum

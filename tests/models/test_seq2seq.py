@@ -126,17 +126,22 @@ def test_beam_search_batch_independent():
 
 def test_encoder_pooler_hook_shortens_memory():
     class Halve(torch.nn.Module):
+        def output_length(self, length):
+            return (length + 1) // 2
+
         def forward(self, x, mask):
             return x[:, ::2], mask[:, ::2]
 
     class PoolingEager(Eager):
-        def make_encoder_pooler(self, layer, d_model, max_len):
-            return Halve() if layer == 0 else None
+        def make_pooler(self, spec):
+            return Halve() if spec.layer == 0 else None
 
-    model, _ = _model(PoolingEager(NoConfig()))
+    model, method = _model(PoolingEager(NoConfig()))
     src, mask = _src(L=10)
     memory, mmask = model.encode(src, mask)
     assert memory.shape[1] == 5 and mmask.shape == (3, 5)
+    cross = [c.spec for c in method.cores if c.spec.kind == "cross"]
+    assert all((s.lq, s.lk) == (16, 8) for s in cross)  # max_tgt_len queries, pooled max_src_len keys
     tgt = torch.randint(4, V, (3, 4))
     assert torch.allclose(model(src, mask, tgt), _cached_logits(model, src, mask, tgt), atol=1e-5)
 
