@@ -121,11 +121,14 @@ def default_methods(suite: str | None) -> list[MethodSpec]:
 def build_run_config(task_name: str, spec: MethodSpec, scale: str, seed: int, device, overrides: list[str]):
     from bench import registry
     from bench.config import RunConfig, apply_overrides
+    from bench.method import MethodContext
 
     task_cls = registry.get_task(task_name)
     method_cls = registry.get_method(spec.name)
     model_cfg, data_cfg, train_cfg, notes = task_cls.presets(scale)
-    method_cfg = method_cls.default_config(task_name, scale)
+    ctx = MethodContext(task=task_name, suite=getattr(task_cls, "suite", None), scale=scale, model=model_cfg,
+                        data=data_cfg)
+    method_cfg = method_cls.default_config(ctx)
     cfg = RunConfig(task=task_name, method=spec.name, scale=scale, seed=seed, model=model_cfg, data=data_cfg,
                     train=train_cfg, method_cfg=method_cfg, device=str(device), notes=tuple(notes))
     mine = []

@@ -5,6 +5,12 @@ One ``reports/<suite>.md`` per suite present (the suite is the first folder unde
 ``kind == "kernel_sweep"`` records are the ``kernels`` suite) plus ``reports/README.md``. Every number
 comes from a record; nothing is typed in, nothing is rerun. Output is deterministic: two renders of the
 same records give byte-identical markdown (and SVGs).
+
+Reports name no method: they group runs by the ``family`` of ``bench.method.FAMILIES`` that each record stores
+(records of the legacy family "sparse" take the family of the registered method of that name). A method adds its
+own section through ``Method.report_section(runs, ctx)``, called once per scale and implementation for the methods
+present, after the efficiency part; it formats with the public helpers below (``fmt_num``, ``md_table``,
+``fastest``, ...) and a ``SectionContext``, so a method's section looks like the rest of the report.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
@@ -43,24 +50,24 @@ def _color(i: int):
     """Distinct colours for up to 20 series (the default cycle repeats after 10)."""
     return f"C{i}" if i < 10 else matplotlib.colormaps["tab20"](2 * (i % 10) + 1)  # light twin of C(i-10)
 
-def _isnan(v) -> bool:
+def is_missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
-def _num(v, missing: str = NM) -> str:
+def fmt_num(v, missing: str = NM) -> str:
     """1234, 123.4, 12.35, 0.123 (three significant digits below 1)."""
-    if _isnan(v):
+    if is_missing(v):
         return missing
     a = abs(v)
     return f"{v:.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:#.3g}"
 
 
-def _ratio(v, missing: str = NM) -> str:
-    return missing if _isnan(v) else f"{v:.2f}×"
+def fmt_ratio(v, missing: str = NM) -> str:
+    return missing if is_missing(v) else f"{v:.2f}×"
 
 
-def _ratio_or_na(v) -> str:
-    return _ratio(v, NA)
+def fmt_ratio_or_na(v) -> str:
+    return fmt_ratio(v, NA)
 
 
 def _mean_std(vals: list[float]) -> str:
@@ -69,15 +76,15 @@ def _mean_std(vals: list[float]) -> str:
         return NA
     a = np.asarray(vals, dtype=float)
     if len(a) == 1:
-        return f"{_num(a[0])} (1)"
-    return f"{_num(a.mean())} ± {_num(a.std(ddof=1))} ({len(a)})"
+        return f"{fmt_num(a[0])} (1)"
+    return f"{fmt_num(a.mean())} ± {fmt_num(a.std(ddof=1))} ({len(a)})"
 
 
-def _md(df: pd.DataFrame) -> str:
+def md_table(df: pd.DataFrame) -> str:
     return df.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
-def _slug(*parts) -> str:
+def slug(*parts) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9._]+", "-", str(p)).strip("-").lower() for p in parts)
 
 
@@ -85,7 +92,7 @@ def _scale_order(scales) -> list[str]:
     return sorted(set(scales), key=lambda s: (SCALES.index(s) if s in SCALES else len(SCALES), s))
 
 
-def _save(fig: Figure, figdir: Path, name: str) -> list[Path]:
+def save_figure(fig: Figure, figdir: Path, name: str) -> list[Path]:
     figdir.mkdir(parents=True, exist_ok=True)
     out = []
     with matplotlib.rc_context({"svg.hashsalt": "sparsebench", "svg.fonttype": "path"}):
@@ -96,7 +103,7 @@ def _save(fig: Figure, figdir: Path, name: str) -> list[Path]:
     return out
 
 
-def _links(figs: list[Path]) -> str:
+def figure_links(figs: list[Path]) -> str:
     return "".join(f"![{p.stem}](figures/{p.name})\n" for p in figs if p.suffix == ".png")
 
 
@@ -117,15 +124,38 @@ def _main_metric(rec: dict) -> str | None:
     return names[0] if names else None
 
 
+def _method_classes() -> dict[str, type]:
+    """The registered methods (name -> class)."""
+    from bench import registry
+
+    registry.load_all()
+    return registry.METHODS
+
+
+def _family(rec: dict, classes: dict[str, type]) -> str | None:
+    """The record's method family; a legacy "sparse" (records written before ``bench.method.FAMILIES``) becomes the
+    family of the registered method of that name, or stays "sparse" for a method not registered (any more)."""
+    fam = rec["method_info"].get("family")
+    if fam == "sparse" and rec["method"] in classes:
+        return getattr(classes[rec["method"]], "family", fam)
+    return fam
+
+
 def _runs_frame(recs: list[dict]) -> pd.DataFrame:
+    """One row per run record. Columns a ``report_section`` may use: scale, task, seed, method (registered name),
+    label (name [variant]), family, dense (family == "dense"), info (``method_info``), by_phase (median step ms per
+    phase), steps_run, max_len, main_metric, metrics, step_ms, tok_s, mem_mib, density (per layer), mem_by_phase,
+    gpu."""
+    classes = _method_classes()
     rows = []
     for r in recs:
         info, meas = r["method_info"], r["measurements"]
         variant = info.get("variant")
+        family = _family(r, classes)
         rows.append(dict(
             scale=r["scale"], task=r["task"], seed=r["seed"], path=r["_path"], method=r["method"],
             label=r["method"] + (f" [{variant}]" if variant else ""),
-            dense=info.get("family") == "dense", family=info.get("family"), info=info,
+            dense=family == "dense", family=family, info=info,
             by_phase=meas.get("train_step_ms_median_by_phase") or {}, steps_run=r["budget"].get("steps_run"),
             max_len=(r["config"].get("model") or {}).get("max_len"),
             main_metric=_main_metric(r), metrics=r["metrics"], hib=r["higher_is_better"],
@@ -148,22 +178,13 @@ def _task_metric(t: pd.DataFrame) -> tuple[str, bool]:
     return metric, hib
 
 
-def _fastest(t: pd.DataFrame, mask: pd.Series) -> tuple[str | None, float]:
+def fastest(t: pd.DataFrame, mask: pd.Series) -> tuple[str | None, float]:
     """Among the rows ``mask`` of one task: the label with the lowest mean step time, and that time."""
     g = t[mask].groupby("label", sort=True).step_ms.mean().dropna()
     return (g.idxmin(), float(g.min())) if len(g) else (None, math.nan)
 
 
-def _is_spion(t: pd.DataFrame) -> pd.Series:
-    return t.method.str.startswith("spion_")
-
-
-def _is_fixed(t: pd.DataFrame) -> pd.Series:
-    """Fixed-pattern sparse methods (local, longformer, bigbird, strided...): sparse family, not SPION."""
-    return t.family.eq("sparse") & ~_is_spion(t)
-
-
-def _mean_density(d: pd.Series) -> float:
+def mean_density(d: pd.Series) -> float:
     """Mean over records and layers of ``density_per_layer`` (nan when none is stored)."""
     vals = [v for x in d if isinstance(x, (list, tuple)) for v in x]
     return float(np.mean(vals)) if vals else math.nan
@@ -171,10 +192,10 @@ def _mean_density(d: pd.Series) -> float:
 
 # ----------------------------------------------------------------------------- run suites
 
-def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
+def _quality(df: pd.DataFrame, refs: dict, extra: dict | None = None) -> tuple[str, dict, bool]:
     """methods (rows) × tasks (columns) table for one scale, published reference numbers as ``ref:`` rows below
     them (a suite has few tasks and many methods); also returns the reduced-budget notes and whether any cell is
-    within ``CHANCE_MARGIN`` points of chance."""
+    within ``CHANCE_MARGIN`` points of chance. ``extra``: what method sections added to the footnotes."""
     labels = sorted(df.label.unique())
     notes: dict[str, set] = {}
     near_chance = False
@@ -183,7 +204,7 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
         metric, hib = _task_metric(t)
         row = {"task (main metric)": f"{task} ({metric} {'↑' if hib else '↓'})"}
         for label, g in t.groupby("label", sort=True):
-            vals = [m[metric] for m in g.metrics if not _isnan(m.get(metric))]
+            vals = [m[metric] for m in g.metrics if not is_missing(m.get(metric))]
             cell = _mean_std(vals)
             if g.reduced.any():
                 cell += f" {DAGGER}"
@@ -191,7 +212,7 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
                     notes.setdefault(note, set()).add(f"{task} / {label}")
             if g.seed.duplicated().any():
                 cell += f" {DDAGGER}"
-            if any(_dense_ckpt_tested_sparse(i) for i in g["info"]):
+            if any(ckpt_phase_differs(i) for i in g["info"]):
                 cell += f" {DENSE_CKPT}"
                 marks.add(DENSE_CKPT)
             if g.gpu.nunique() > 1:
@@ -204,44 +225,43 @@ def _quality(df: pd.DataFrame, refs: dict) -> tuple[str, dict, bool]:
         for k, v in (refs.get(task) or {}).items():
             col = f"ref: {k}"
             ref_cols += [col] if col not in ref_cols else []
-            row[col] = _num(v)
+            row[col] = fmt_num(v)
         rows.append(row)
     wide = pd.DataFrame(rows).set_index("task (main metric)").reindex(columns=[*labels, *ref_cols]).fillna(NA)
     table = wide.T.rename_axis("method").reset_index()
-    md = _md(table)
+    md = md_table(table)
     if DENSE_CKPT in marks:
         md += (f"\n{DENSE_CKPT} Includes runs whose best dev checkpoint predates their switch to sparse attention and was "
-               "tested with the final sparse attention (the original code's behaviour; spion.md pitfall 12): see the "
-               "SPION section for each phase's best checkpoint tested.\n")
+               f"tested with the final sparse attention{_extra(extra, NOTE_CKPT_PHASE)}.\n")
     if MIXED_HW in marks:
         md += f"\n{MIXED_HW} Averages runs from different GPUs.\n"
     return md, notes, near_chance
 
 
-def _efficiency(t: pd.DataFrame) -> str:
+def _efficiency(t: pd.DataFrame, extra: dict | None = None) -> str:
     """One task at one scale: step time, inference throughput, peak memory, each vs the fastest dense."""
     g = t.groupby("label", sort=True).agg(
         n=("seed", "size"), dense=("dense", "any"),
         step_ms=("step_ms", "mean"), step_min=("step_ms", "min"), step_max=("step_ms", "max"),
         tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"), mixed=("gpu", lambda x: x.nunique() > 1),
         phased=("by_phase", lambda x: any(len(d) > 1 for d in x)))
-    best, _ = _fastest(t, t.dense)
+    best, _ = fastest(t, t.dense)
     out = []
     if best is not None:
         ref = g.loc[best]
-        out.append(f"Ratios are to the fastest dense method here: **{best}** ({_num(ref.step_ms)} ms/step).\n")
+        out.append(f"Ratios are to the fastest dense method here: **{best}** ({fmt_num(ref.step_ms)} ms/step).\n")
     else:
         ref = pd.Series({"step_ms": np.nan, "tok_s": np.nan, "mem_mib": np.nan})
         out.append("No dense method with a measured step time here: ratios are n/m.\n")
     table = pd.DataFrame({
         "method": [lab + (f" {MIXED_HW}" if m else "") for lab, m in zip(g.index, g.mixed)], "runs": g.n.astype(str).values,
-        "train step (ms)": [_num(v) for v in g.step_ms],
+        "train step (ms)": [fmt_num(v) for v in g.step_ms],
         # half the max-min range over seeds, relative: how far apart two runs of one config land
         "step spread": [f"±{50 * (hi - lo) / m:.1f} %" if n > 1 and m > 0 else NA
                         for n, lo, hi, m in zip(g.n, g.step_min, g.step_max, g.step_ms)],
-        "step / dense": [_ratio(v) for v in g.step_ms / ref.step_ms],
-        "infer (tok/s)": [_num(v) for v in g.tok_s], "tok/s / dense": [_ratio(v) for v in g.tok_s / ref.tok_s],
-        "peak mem (MiB)": [_num(v) for v in g.mem_mib], "mem / dense": [_ratio(v) for v in g.mem_mib / ref.mem_mib],
+        "step / dense": [fmt_ratio(v) for v in g.step_ms / ref.step_ms],
+        "infer (tok/s)": [fmt_num(v) for v in g.tok_s], "tok/s / dense": [fmt_ratio(v) for v in g.tok_s / ref.tok_s],
+        "peak mem (MiB)": [fmt_num(v) for v in g.mem_mib], "mem / dense": [fmt_ratio(v) for v in g.mem_mib / ref.mem_mib],
     })
     dens = {}
     for label, d in t.groupby("label", sort=True):
@@ -250,11 +270,10 @@ def _efficiency(t: pd.DataFrame) -> str:
             dens[label] = ", ".join(f"{v:.3g}" for v in np.mean(np.asarray(lists, dtype=float), axis=0))
     if dens:
         table["attention density per layer"] = [dens.get(label, NA) for label in g.index]
-    out.append(_md(table))
+    out.append(md_table(table))
     if g.phased.any():
         out.append(f"Runs that switch attention during training ({', '.join(g.index[g.phased])}) are timed here over "
-                   "all their steps and their peak memory is the largest of any phase; per-phase numbers are in "
-                   "the SPION section.\n")
+                   f"all their steps and their peak memory is the largest of any phase{_extra(extra, NOTE_PHASED)}.\n")
     if g.mixed.any():
         out.append(f"{MIXED_HW} Averages runs from different GPUs.\n")
     return "\n".join(out)
@@ -272,7 +291,7 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
         t = df[df.task == task]
         metric, _ = _task_metric(t)
         for i, lab in enumerate(labels):
-            vals = [m[metric] for m in t[t.label == lab].metrics if not _isnan(m.get(metric))]
+            vals = [m[metric] for m in t[t.label == lab].metrics if not is_missing(m.get(metric))]
             if vals:
                 sd = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
                 ax.bar(i, float(np.mean(vals)), yerr=sd, color=colors[lab], capsize=3, label=lab)
@@ -282,7 +301,7 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
     handles = [matplotlib.patches.Patch(color=colors[lab], label=lab) for lab in labels]
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
     fig.suptitle(f"{suite} ({scale}): main metric, mean ± std over seeds", fontsize=10)
-    written += _save(fig, figdir, _slug(suite, scale, "quality"))
+    written += save_figure(fig, figdir, slug(suite, scale, "quality"))
     # train step time relative to the fastest dense method of each task
     if not (df.dense & df.step_ms.notna()).any():
         return written
@@ -293,14 +312,14 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
         g = df[df.task == task].groupby("label").agg(step=("step_ms", "mean"), dense=("dense", "any"))
         best = g[g.dense].step.min()
         for i, lab in enumerate(labels):
-            if lab in g.index and not _isnan(best) and not _isnan(g.step[lab]):
+            if lab in g.index and not is_missing(best) and not is_missing(g.step[lab]):
                 ax.bar(ti + (i - (len(labels) - 1) / 2) * width, g.step[lab] / best, width, color=colors[lab])
     ax.axhline(1.0, color="k", lw=0.8, ls="--")
     ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
     ax.set_ylabel("train step time / fastest dense")
     ax.legend(handles=handles, fontsize=7)
     ax.set_title(f"{suite} ({scale}): step time relative to the fastest dense method", fontsize=10)
-    written += _save(fig, figdir, _slug(suite, scale, "step_time"))
+    written += save_figure(fig, figdir, slug(suite, scale, "step_time"))
     return written
 
 
@@ -308,9 +327,9 @@ def _step_vs_length(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> li
     """Train step time relative to each task's fastest dense method vs that task's sequence length."""
     pts = []
     for task, t in s[s.max_len.notna()].groupby("task", sort=True):
-        _, dense_ms = _fastest(t, t.dense)
+        _, dense_ms = fastest(t, t.dense)
         for label, g in t.groupby("label", sort=True):
-            if not _isnan(dense_ms) and g.step_ms.notna().any():
+            if not is_missing(dense_ms) and g.step_ms.notna().any():
                 pts.append((label, int(g.max_len.iloc[0]), task, g.step_ms.mean() / dense_ms))
     p = pd.DataFrame(pts, columns=["label", "L", "task", "ratio"]).sort_values(["label", "L", "task"])
     if p.L.nunique() < 2:  # one length: nothing to plot against
@@ -339,10 +358,45 @@ def _step_vs_length(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> li
     fig.legend(handles=handles, loc="outside right upper", fontsize=7)
     ax.set_title(f"{suite} ({scale}): step time vs sequence length\nacross different tasks (different models): "
                  "indicative only", fontsize=9)
-    return _save(fig, figdir, _slug(suite, scale, "step_time_vs_length"))
+    return save_figure(fig, figdir, slug(suite, scale, "step_time_vs_length"))
 
 
-def _layout_figure(layouts: list, title: str) -> Figure:
+# ----------------------------------------------------------------------------- method sections (Method.report_section)
+
+NOTE_CKPT_PHASE = "ckpt_phase"  # appended to the quality table's footnote on DENSE_CKPT (``ckpt_phase_differs``)
+NOTE_PHASED = "phased"  # appended to the efficiency note on runs that switch attention during training
+
+
+@dataclass
+class SectionContext:
+    """What ``Method.report_section(runs, ctx)`` gets besides ``runs`` (one scale's frame, every method of the suite,
+    columns as in ``_runs_frame``): the suite, the scale, where figures go, the registered names that share this
+    section (``methods``: select a method's own runs with ``runs.method.isin(ctx.methods)``), and ``add_note`` to
+    extend the generic footnotes of the quality and efficiency parts, which the report places before the section."""
+
+    suite: str
+    scale: str
+    figdir: Path
+    methods: tuple[str, ...] = ()
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    def save(self, fig: Figure, *name) -> list[Path]:
+        """Write ``fig`` as ``figures/<suite>_<scale>_<name...>.{png,svg}``; link the result with ``figure_links``."""
+        return save_figure(fig, self.figdir, slug(self.suite, self.scale, *name))
+
+    def add_note(self, key: str, text: str) -> None:
+        """Append ``text`` verbatim (bring its leading separator) to the generic footnote ``key`` (``NOTE_*``),
+        before its final full stop; the same text is added once."""
+        texts = self.notes.setdefault(key, [])
+        if text not in texts:
+            texts.append(text)
+
+
+def _extra(extra: dict | None, key: str) -> str:
+    return "".join((extra or {}).get(key, ()))
+
+
+def layout_figure(layouts: list, title: str) -> Figure:
     """One binary block-layout panel per layer (black = computed block)."""
     fig = Figure(figsize=(2.2 * len(layouts), 2.6), layout="constrained")
     for i, (ax, lay) in enumerate(zip(fig.subplots(1, len(layouts), squeeze=False)[0], layouts)):
@@ -355,107 +409,42 @@ def _layout_figure(layouts: list, title: str) -> Figure:
     return fig
 
 
-def _nearest_density(fixed: dict[str, tuple[float, float]], density: list) -> tuple[str | None, float, float]:
-    """The fixed pattern (label -> (mean ms, mean density)) whose mean density is closest to ``density``'s mean."""
-    cand = {k: v for k, v in fixed.items() if not _isnan(v[1]) and not _isnan(v[0])}
-    if not density or not cand:
-        return None, math.nan, math.nan
-    target = float(np.mean(density))
-    label = min(sorted(cand), key=lambda k: abs(cand[k][1] - target))
-    return label, *cand[label]
-
-
-def _best_ckpt_phase(info: dict) -> str | None:
+def best_ckpt_phase(info: dict) -> str | None:
     """The phase whose dev eval picked the reported checkpoint."""
     return info.get("best_checkpoint_eval_phase") or (info.get("best_checkpoint") or {}).get("phase")
 
 
-def _dense_ckpt_tested_sparse(info: dict) -> bool:
-    """The reported test used a checkpoint picked before the run switched attention (spion.md pitfall 12)."""
-    return _best_ckpt_phase(info) == "dense" and info.get("transition_step") is not None
+def ckpt_phase_differs(info: dict) -> bool:
+    """The reported test ran with another attention than the phase whose dev eval picked its checkpoint (a run that
+    switches attention and keeps an earlier phase's best checkpoint): both are recorded (``best_checkpoint`` or
+    ``best_checkpoint_eval_phase``, and ``tested_with``) and differ."""
+    phase, tested = best_ckpt_phase(info), info.get("tested_with")
+    return phase is not None and tested is not None and phase != tested
 
 
-def _spion_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: dict) -> dict:
-    info, sparse_ms = r.info, r.by_phase.get("sparse")
-    ts = info.get("transition_step")
-    if ts is None:
-        trans = "no transition" + (f" in {r.steps_run} steps" if r.steps_run is not None else "")
-    else:
-        trans = str(ts) + (f" (check {info['transition_check']})" if info.get("transition_check") is not None else "")
-        trans += " forced (not in the original)" if info.get("forced_transition") else ""
-        if r.steps_run is not None and ts >= r.steps_run - 1:
-            trans += " = last step: no sparse training"
-    phase = _best_ckpt_phase(info)
-    best = NA if phase is None else f"{phase} @ {(info.get('best_checkpoint') or {}).get('step', '?')}"
-    if _dense_ckpt_tested_sparse(info):
-        best += f" {DENSE_CKPT}"
-    dens = info.get("density_per_layer") or []
-    near_lab, near_ms, near_d = _nearest_density(fixed_all, dens)
-    return {
-        "method": r.label, "seed": str(r.seed), "variant": info.get("spion_variant", NA),
-        "softmax": info.get("softmax_mode", NA), "transition step": trans, "checks": str(info.get("n_checks", NA)),
-        "density per layer": ", ".join(f"{v:.3g}" for v in dens) or NA,
-        "dense-phase ms": _num(r.by_phase.get("dense")),
-        "sparse-phase ms": _num(sparse_ms, NA if ts is None else "none timed"),
-        "sparse-phase peak MiB": _num((r.mem_by_phase or {}).get("sparse"), NA),
-        "sparse / fastest dense": _ratio_or_na(None if sparse_ms is None else sparse_ms / dense_ms),
-        "sparse / fastest fixed (its density)": NA if sparse_ms is None or _isnan(fixed_ms) else
-        f"{_ratio(sparse_ms / fixed_ms)} (d={_num(fixed_d, NA)})",
-        "sparse / nearest-density fixed": NA if sparse_ms is None or near_lab is None else
-        f"{_ratio(sparse_ms / near_ms)} ({near_lab}, d={_num(near_d)})",
-        "best ckpt (phase @ step)": best, "test attention": info.get("tested_with", NA),
-        # the Trainer also tests every other phase's best checkpoint (pitfall 12): "main metric, phase ckpt"
-        "test with other phase's best": ", ".join(
-            f"{_num(v)} ({k.rsplit('_best_', 1)[1]})" for k, v in sorted(r.metrics.items())
-            if k.startswith(f"{r.main_metric}_best_")) or NA,
-    }
+def _method_sections(s: pd.DataFrame, suite: str, scale: str, figdir: Path,
+                     extra: dict[str, list[str]]) -> tuple[list[str], list[Path]]:
+    """Each registered implementation's ``report_section`` for the methods of this scale's runs ``s``: once per
+    distinct function (names registered to one implementation, e.g. variants of one class, share one section),
+    in the order of the first of its names present (sorted). ``extra`` collects their footnote additions."""
+    from bench.method import Method
 
-
-def _spion_section(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> tuple[list[str], list[Path]]:
-    """SPION runs of one scale: transition, densities, per-phase step time, layouts."""
-    if not _is_spion(s).any():
-        return [], []
-    md = ["### SPION\n",
-          "Per run: the transition step (0-based step after which the dense phase ends; the original has no "
-          "fallback, so a run whose criterion never fired stays dense), the number of transition checks, the "
-          "achieved per-layer block density, and the median train step time of each phase "
-          "(`train_step_ms_median_by_phase`). The sparse-phase time is compared with the fastest dense method "
-          "and the fastest fixed-pattern method (sparse family, not SPION) of the task; the fixed pattern's mean "
-          "density is given next to the ratio (the densities differ), and with the fixed pattern whose mean density "
-          "is nearest to the run's (run fixed patterns with `density=` to make that an equal-density comparison, "
-          "e.g. `--methods local:density=0.05`). A training step mixes attention with everything else; for "
-          "attention alone at each run's shape, time its layouts next to equal-density patterns with "
-          "`run_all.py --suite kernels sweep.record_layouts=<record.json>` (kernels report).\n"]
-    written, ckpt_note = [], False
-    for task, t in s[s.task.isin(s[_is_spion(s)].task)].groupby("task", sort=True):
-        dense_lab, dense_ms = _fastest(t, t.dense)
-        fixed_lab, fixed_ms = _fastest(t, _is_fixed(t))
-        fixed_d = _mean_density(t[t.label == fixed_lab].density) if fixed_lab else math.nan
-        md.append(f"#### {task}\n")
-        md.append(f"Fastest dense: {f'**{dense_lab}** ({_num(dense_ms)} ms/step)' if dense_lab else 'none measured'}; "
-                  f"fastest fixed pattern: " + (f"**{fixed_lab}** ({_num(fixed_ms)} ms/step, mean density "
-                                                f"{_num(fixed_d, NA)})" if fixed_lab else "none measured") + ".\n")
-        fixed_all = {lab: (float(g.step_ms.mean()), _mean_density(g.density))
-                     for lab, g in t[_is_fixed(t)].groupby("label", sort=True)}
-        rows = [_spion_row(r, dense_ms, fixed_ms, fixed_d, fixed_all) for r in t[_is_spion(t)].itertuples()]
-        ckpt_note |= any(DENSE_CKPT in r["best ckpt (phase @ step)"] for r in rows)
-        md.append(_md(pd.DataFrame(rows)))
-        figs = []
-        for r in t[_is_spion(t)].itertuples():
-            if r.info.get("layouts"):
-                title = f"{task} / {r.label} (seed {r.seed}): layout per layer"
-                figs += _save(_layout_figure(r.info["layouts"], title), figdir,
-                              _slug(suite, scale, task, r.label, f"s{r.seed}", "layouts"))
-        for label, g in t[_is_fixed(t)].groupby("label", sort=True):
-            r = next(g.itertuples())
-            if r.info.get("layout_layer0"):
-                figs += _save(_layout_figure([r.info["layout_layer0"]], f"{task} / {label} (seed {r.seed}): layer 0"),
-                              figdir, _slug(suite, scale, task, label, f"s{r.seed}", "layout0"))
-        written += figs
-        md.append(_links(figs))
-    if ckpt_note:
-        md.append(f"{DENSE_CKPT} The best dev checkpoint is from the dense phase (before the transition): the "
-                  "reported test metric uses those dense-phase weights with the attention in `test attention`.\n")
+    classes = _method_classes()
+    base = Method.report_section.__func__
+    groups: dict = {}  # function -> the class to call it on
+    for name in sorted(set(s.method)):
+        cls = classes.get(name)
+        fn = getattr(getattr(cls, "report_section", None), "__func__", None)
+        if fn is not None and fn is not base:
+            groups.setdefault(fn, cls)
+    md, written = [], []
+    for fn, cls in groups.items():
+        names = tuple(sorted(n for n, c in classes.items()
+                             if getattr(getattr(c, "report_section", None), "__func__", None) is fn))
+        ctx = SectionContext(suite=suite, scale=scale, figdir=figdir, methods=names, notes=extra)
+        sec, figs = cls.report_section(s, ctx)
+        md += list(sec)
+        written += list(figs)
     return md, written
 
 
@@ -468,7 +457,10 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
         md.append("### Quality\n")
         md.append("Main test metric per task, mean ± sample std (ddof=1) over seeds, (n) = number of runs. "
                   "`ref:` rows are published numbers, not runs of this suite.\n")
-        table, notes, near_chance = _quality(s, refs)
+        # method sections come after the efficiency part but run first: they may extend the footnotes before them
+        extra: dict[str, list[str]] = {}
+        sections, section_figs = _method_sections(s, suite, scale, figdir, extra)
+        table, notes, near_chance = _quality(s, refs, extra)
         md.append(table)
         if near_chance:
             md.append(f"{CHANCE_MARK} Within {CHANCE_MARGIN:g} points of chance accuracy: the run did not learn "
@@ -480,7 +472,7 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
             md.append(f"{DDAGGER} Several records share a seed (configs differ); all of them are averaged.\n")
         figs = _run_figures(s, suite, scale, figdir)
         written += figs
-        md.append(_links(figs))
+        md.append(figure_links(figs))
         md.append("### Efficiency\n")
         md.append("Means over seeds of the per-run median train step time, inference throughput and peak memory "
                   "(n/m = not measured). `step spread` is half the range of the step time over a method's runs, "
@@ -488,13 +480,12 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
                   "that spread of 1 is not a difference; for attention alone see the kernels report.\n")
         for task, t in s.groupby("task", sort=True):
             md.append(f"#### {task}\n")
-            md.append(_efficiency(t))
+            md.append(_efficiency(t, extra))
         figs = _step_vs_length(s, suite, scale, figdir)
         written += figs
-        md += [_links(figs)] if figs else []
-        sec, figs = _spion_section(s, suite, scale, figdir)
-        md += sec
-        written += figs
+        md += [figure_links(figs)] if figs else []
+        md += sections
+        written += section_figs
     return md, written
 
 
@@ -511,7 +502,7 @@ def _kernel_frame(recs: list[dict]) -> pd.DataFrame:
             for r in recs for row in r["measurements"].get("rows", [])]
     df = pd.DataFrame(rows)
     df = df.reindex(columns=sorted(set(df.columns) | set(NUM) | {"density_target", "memory_check", "source_record"}))
-    df["source_record"] = df.source_record.astype(object).fillna("")  # "" = the generic grid; else a SPION run's layouts
+    df["source_record"] = df.source_record.astype(object).fillna("")  # "" = the generic grid; else a run's learned layouts
     df[NUM] = df[NUM].apply(pd.to_numeric, errors="coerce")
     df["density"] = df.density.astype(float).round(6)
     # the nominal density names a line across L (the realised one varies a little); dense kernels have none
@@ -545,14 +536,23 @@ def _kernel_speedups(k: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
 
 
 def _kernel_table(k: pd.DataFrame) -> str:
-    return _md(pd.DataFrame({
+    return md_table(pd.DataFrame({
         "kernel": k.kernel, "pattern": k.pattern, "density": [f"{d:.3g}" for d in k.density],
-        "fwd ms": k.fwd_ms.map(_num), "fwd+bwd ms": k.fwdbwd_ms.map(_num),
-        "fwd × dense": k.x_dense_fwd_ms.map(_ratio_or_na), "fwd+bwd × dense": k.x_dense_fwdbwd_ms.map(_ratio_or_na),
-        "fwd × flex": k.x_flex_fwd_ms.map(_ratio_or_na), "fwd+bwd × flex": k.x_flex_fwdbwd_ms.map(_ratio_or_na),
-        "eff. TFLOP/s fwd": k.fwd_tflops_eff.map(_num), "eff. TFLOP/s fwd+bwd": k.fwdbwd_tflops_eff.map(_num),
-        "LUT build ms": [_num(v, NA) for v in k.lut_build_ms],
+        "fwd ms": k.fwd_ms.map(fmt_num), "fwd+bwd ms": k.fwdbwd_ms.map(fmt_num),
+        "fwd × dense": k.x_dense_fwd_ms.map(fmt_ratio_or_na), "fwd+bwd × dense": k.x_dense_fwdbwd_ms.map(fmt_ratio_or_na),
+        "fwd × flex": k.x_flex_fwd_ms.map(fmt_ratio_or_na), "fwd+bwd × flex": k.x_flex_fwdbwd_ms.map(fmt_ratio_or_na),
+        "eff. TFLOP/s fwd": k.fwd_tflops_eff.map(fmt_num), "eff. TFLOP/s fwd+bwd": k.fwdbwd_tflops_eff.map(fmt_num),
+        "LUT build ms": [fmt_num(v, NA) for v in k.lut_build_ms],
     }))
+
+
+# a sweep of a run's learned layouts names them "<prefix>_layerN" (the prefix from the run's method, kernels/benchmark.py)
+# and each equal-density comparison pattern "<pattern>@<prefix>_layerN"
+_LEARNED = re.compile(r"(.+)_layer\d+")
+
+
+def _learned_prefixes(patterns) -> list[str]:
+    return sorted({m[1] for p in patterns for m in [_LEARNED.fullmatch(p.split("@")[-1])] if m})
 
 
 def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
@@ -560,9 +560,10 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
     next to Flex on the same layouts); dense kernels as horizontal lines."""
     fig = Figure(figsize=(9, 3.6), layout="constrained")
 
-    def family(p: str) -> str:  # learned layouts: one colour per pattern family, not per layer
+    def family(p: str) -> str:  # learned layouts ("<run's method>_layerN"): one colour for all layers
         p = p.split("@")[0]
-        return "spion (learned)" if p.startswith("spion_layer") else p
+        m = _LEARNED.fullmatch(p)
+        return f"{m[1]} (learned)" if m else p
 
     patterns = sorted({family(p) for p in k.pattern.unique() if p != "dense"})
     sparse_kernels = sorted(k[k.pattern != "dense"].kernel.unique())
@@ -644,34 +645,35 @@ def _kernel_sections(recs: list[dict], figdir: Path) -> tuple[list[str], list[Pa
             speed.append(k)
         md.append(f"## {gpu}, {dtype}, {scale}: L={L}, D={D} (B={B}, H={H})\n")
         if src:
-            md.append(f"Learned layouts of run `{src}` at that run's attention shape; `<pattern>@spion_layerN` is "
+            prefix = "|".join(_learned_prefixes(k.pattern)) or "<learned>"
+            md.append(f"Learned layouts of run `{src}` at that run's attention shape; `<pattern>@{prefix}_layerN` is "
                       "that pattern built at the same density as layer N's layout (equal-density comparison).\n")
         md.append("Best dense: " + "; ".join(
-            f"{_tname(t)} {b.kernel} {_num(b[t])} ms" if b is not None else f"{_tname(t)} none measured"
+            f"{_tname(t)} {b.kernel} {fmt_num(b[t])} ms" if b is not None else f"{_tname(t)} none measured"
             for t, b in best.items()) + ".\n")
         md.append(_kernel_table(k))
         fig = _time_vs_density(k, f"{gpu} {dtype} ({scale}): L={L}, D={D}, B={B}, H={H}")
-        figs = _save(fig, figdir, _slug("kernels", scale, gpu, dtype, f"L{L}", f"D{D}", f"B{B}", f"H{H}",
+        figs = save_figure(fig, figdir, slug("kernels", scale, gpu, dtype, f"L{L}", f"D{D}", f"B{B}", f"H{H}",
                                         *([src] if src else []), "time_vs_density"))
         written += figs
-        md.append(_links(figs))
+        md.append(figure_links(figs))
     md.append("## Speedup over the best dense kernel vs sequence length\n")
     sp = pd.concat(speed) if speed else df.iloc[:0].assign(**{f"x_dense_{t}": [] for t in TIMES})
     sp = sp[sp.kernel.str.startswith("block_sparse") & sp[[f"x_dense_{t}" for t in TIMES]].notna().any(axis=1)]
     for (scale, gpu, dtype, kern), g in sp.groupby(["scale", "gpu", "dtype", "kernel"], sort=True):
-        figs = _save(_speedup_vs_length(g, f"{kern} on {gpu} {dtype} ({scale})"),
-                     figdir, _slug("kernels", scale, gpu, dtype, kern, "speedup_vs_L"))
+        figs = save_figure(_speedup_vs_length(g, f"{kern} on {gpu} {dtype} ({scale})"),
+                     figdir, slug("kernels", scale, gpu, dtype, kern, "speedup_vs_L"))
         written += figs
-        md.append(_links(figs))
+        md.append(figure_links(figs))
     if sp.empty:
         md.append("(no block-sparse kernel rows with a measured dense baseline)\n")
     mem = df[df.memory_check]
     if len(mem):
         md.append("## Long-sequence memory check (block_sparse_triton fwd+bwd)\n")
-        md.append(_md(pd.DataFrame({
+        md.append(md_table(pd.DataFrame({
             "scale": mem.scale, "gpu": mem.gpu, "L": mem.L.astype(str), "D": mem.D.astype(str),
             "H": mem.H.astype(str), "density": [f"{d:.3g}" for d in mem.density],
-            "peak extra MiB": mem.peak_extra_mib.map(_num), "O + dQ/dK/dV MiB": mem.io_tensors_mib.map(_num)})))
+            "peak extra MiB": mem.peak_extra_mib.map(fmt_num), "O + dQ/dK/dV MiB": mem.io_tensors_mib.map(fmt_num)})))
     return md, written
 
 
@@ -771,7 +773,7 @@ def render_reports(results_dir: Path, reports_dir: Path,
     rows = [{"suite": s, "records": str(len(by_suite.get(s, []))),
              "report": f"[{s}.md]({s}.md)" if s in by_suite else "(no records)"}
             for s in sorted(set(SUITES) | set(by_suite))]
-    index.append(_md(pd.DataFrame(rows, columns=["suite", "records", "report"])))
+    index.append(md_table(pd.DataFrame(rows, columns=["suite", "records", "report"])))
     path = reports_dir / "README.md"
     atomic_write_text(path, "\n".join(index))
     written.append(path)

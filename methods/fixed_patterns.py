@@ -5,7 +5,7 @@ Each layer gets one static layout (shared by its heads) from ``kernels.layout`` 
 The pattern's parameters are given in blocks; with ``density > 0`` the free parameter of the pattern
 (window, random blocks or stride) is instead chosen so that the layer's block density is as close as
 possible to that target for its nb, which lets reports compare patterns at equal density. Block sizes
-follow SPION's per-task choice (``methods.spion.lra_block_size``) so that layouts are comparable.
+follow the rule shared with SPION (``bench.blocks``: spion.md §4.1 per LRA task) so that layouts are comparable.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.blocks import block_size
 from bench.errors import BenchError
-from bench.method import AttentionCore, AttentionSpec, Method
+from bench.method import AttentionCore, AttentionSpec, Method, MethodContext
 from bench.registry import register_method
 from kernels import (bigbird_layout, block_sparse_attention, layout_density, local_layout, longformer_layout,
                      strided_layout)
-from methods.spion import lra_block_size
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,12 @@ def _closest(build, candidates, target: float):
 
 
 class _FixedPattern(Method):
-    family = "sparse"
+    family = "fixed_pattern"
     suites = ("lra",)
 
     @classmethod
-    def default_config(cls, task_name: str, scale: str):
-        block, note = lra_block_size(task_name, scale)
+    def default_config(cls, ctx: MethodContext):
+        block, note = block_size(ctx)
         return cls.Config(block_size=block, note=note)
 
     def params(self, nb: int, layer: int) -> dict:

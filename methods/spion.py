@@ -26,11 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.attention import masked_sdpa
+from bench.blocks import block_size, lra_task_key
 from bench.errors import BenchError
-from bench.method import AttentionCore, AttentionSpec, Method
+from bench.method import AttentionCore, AttentionSpec, Method, MethodContext
 from bench.registry import register_method
 from kernels import AttentionStatsAccumulator, block_sparse_attention, layout_density
-from methods.dense import masked_sdpa
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -52,42 +53,15 @@ class SpionConfig:
     note: str = ""  # filled by default_config when a value differs from the paper (e.g. tiny-scale block size)
 
 
-# spion.md §4.1: (block size, flood-fill quantile, SPION-C density) per LRA task
+# spion.md §4.1: (flood-fill quantile, SPION-C density) per LRA task; the block sizes of that table (64; Image and
+# Pathfinder 32) and the tiny-scale rule are ``bench.blocks``', shared with the fixed patterns
 PAPER_SETTINGS = {
-    "listops": (64, 0.98, 0.04),
-    "text": (64, 0.99, 0.03),
-    "retrieval": (64, 0.99, 0.021),
-    "image": (32, 0.96, 0.04),
-    "pathfinder": (32, 0.96, 0.05),
+    "listops": (0.98, 0.04),
+    "text": (0.99, 0.03),
+    "retrieval": (0.99, 0.021),
+    "image": (0.96, 0.04),
+    "pathfinder": (0.96, 0.05),
 }
-TINY_BLOCK = 16  # smallest block the kernels support; gives nb >= 4 at the tiny presets' lengths (128-256)
-
-
-def _task_key(task_name: str) -> str | None:
-    name = task_name.lower().removeprefix("lra_").removeprefix("lra-")
-    return next((k for k in PAPER_SETTINGS if name.startswith(k)), None)
-
-
-def _preset_max_len(task_name: str, scale: str) -> int | None:
-    try:
-        from bench import registry
-
-        return int(registry.get_task(task_name).presets(scale)[0].max_len)
-    except Exception:  # task not registered (yet): the caller falls back to a safe value
-        return None
-
-
-def lra_block_size(task_name: str, scale: str) -> tuple[int, str]:
-    """SPION's block size for a task at a scale, and a note when it differs from the paper's."""
-    key = _task_key(task_name)
-    block = PAPER_SETTINGS[key][0] if key else 64
-    if scale != "tiny":
-        return block, "" if key else f"{task_name}: not an LRA task of spion.md §4.1; block size {block}"
-    L = _preset_max_len(task_name, scale)
-    if L is not None and L // block >= 4:
-        return block, ""
-    return TINY_BLOCK, (f"tiny scale: block_size {block} -> {TINY_BLOCK} so that nb = L / B >= 4 "
-                        f"(L = {L if L is not None else 'unknown'})")
 
 
 # ---- phase B: the pattern generator (spion.md §2.3), all fp32 ----------------------------------------------
@@ -252,7 +226,7 @@ class SpionCore(AttentionCore):
 # ---- the method --------------------------------------------------------------------------------------------
 class _Spion(Method):
     Config = SpionConfig
-    family = "sparse"
+    family = "learned_pattern"
     suites = ("lra",)
     kind = "cf"  # c | f | cf
 
@@ -271,12 +245,12 @@ class _Spion(Method):
         self.check_every = cfg.check_every
 
     @classmethod
-    def default_config(cls, task_name: str, scale: str) -> SpionConfig:
-        key = _task_key(task_name)
-        _, q, density = PAPER_SETTINGS[key] if key else PAPER_SETTINGS["listops"]
-        block, note = lra_block_size(task_name, scale)
+    def default_config(cls, ctx: MethodContext) -> SpionConfig:
+        key = lra_task_key(ctx.task)
+        q, density = PAPER_SETTINGS[key] if key else PAPER_SETTINGS["listops"]
+        block, note = block_size(ctx)
         check_every = 0
-        if scale == "tiny":  # a smoke test must reach the sparse phase: check 3 comes at step 3*check_every - 1
+        if ctx.scale == "tiny":  # a smoke test must reach the sparse phase: check 3 comes at step 3*check_every - 1
             check_every = 10
             note = "; ".join(n for n in (note, "tiny scale: transition checked every 10 steps (not at eval steps)") if n)
         return SpionConfig(block_size=block, quantile=q, density=density, note=note, check_every=check_every)
@@ -391,6 +365,12 @@ class _Spion(Method):
             out["note"] = self.cfg.note
         return out
 
+    # ---- report ------------------------------------------------------------------------------------------
+    @classmethod
+    def report_section(cls, runs, ctx) -> tuple[list[str], list]:
+        """The SPION section of a suite's report (one for spion_c, spion_f and spion_cf: ``ctx.methods``)."""
+        return _report_section(runs, ctx)
+
 
 def _best_eval(evals: list[dict], task) -> dict | None:
     """The eval the Trainer keeps as best (first strict improvement), to report which phase it ran in."""
@@ -403,6 +383,118 @@ def _best_eval(evals: list[dict], task) -> dict | None:
         if is_better(e["dev"], None if best is None else best["dev"], higher):
             best = e
     return best
+
+
+# ---- report section (``Method.report_section``): imports bench.report (pandas, matplotlib) only when called --------
+_SECTION_INTRO = (
+    "Per run: the transition step (0-based step after which the dense phase ends; the original has no "
+    "fallback, so a run whose criterion never fired stays dense), the number of transition checks, the "
+    "achieved per-layer block density, and the median train step time of each phase "
+    "(`train_step_ms_median_by_phase`). The sparse-phase time is compared with the fastest dense method "
+    "and the fastest fixed-pattern method (sparse family, not SPION) of the task; the fixed pattern's mean "
+    "density is given next to the ratio (the densities differ), and with the fixed pattern whose mean density "
+    "is nearest to the run's (run fixed patterns with `density=` to make that an equal-density comparison, "
+    "e.g. `--methods local:density=0.05`). A training step mixes attention with everything else; for "
+    "attention alone at each run's shape, time its layouts next to equal-density patterns with "
+    "`run_all.py --suite kernels sweep.record_layouts=<record.json>` (kernels report).\n")
+
+
+def _nearest_density(fixed: dict[str, tuple[float, float]], density: list) -> tuple[str | None, float, float]:
+    """The fixed pattern (label -> (mean ms, mean density)) whose mean density is closest to ``density``'s mean."""
+    from bench import report as R
+
+    cand = {k: v for k, v in fixed.items() if not R.is_missing(v[1]) and not R.is_missing(v[0])}
+    if not density or not cand:
+        return None, math.nan, math.nan
+    target = float(np.mean(density))
+    label = min(sorted(cand), key=lambda k: abs(cand[k][1] - target))
+    return label, *cand[label]
+
+
+def _report_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: dict) -> dict:
+    """One SPION run's row: transition, densities, per-phase times vs the fastest dense and fixed patterns."""
+    from bench import report as R
+
+    info, sparse_ms = r.info, r.by_phase.get("sparse")
+    ts = info.get("transition_step")
+    if ts is None:
+        trans = "no transition" + (f" in {r.steps_run} steps" if r.steps_run is not None else "")
+    else:
+        trans = str(ts) + (f" (check {info['transition_check']})" if info.get("transition_check") is not None else "")
+        trans += " forced (not in the original)" if info.get("forced_transition") else ""
+        if r.steps_run is not None and ts >= r.steps_run - 1:
+            trans += " = last step: no sparse training"
+    phase = R.best_ckpt_phase(info)
+    best = R.NA if phase is None else f"{phase} @ {(info.get('best_checkpoint') or {}).get('step', '?')}"
+    if R.ckpt_phase_differs(info):
+        best += f" {R.DENSE_CKPT}"
+    dens = info.get("density_per_layer") or []
+    near_lab, near_ms, near_d = _nearest_density(fixed_all, dens)
+    return {
+        "method": r.label, "seed": str(r.seed), "variant": info.get("spion_variant", R.NA),
+        "softmax": info.get("softmax_mode", R.NA), "transition step": trans, "checks": str(info.get("n_checks", R.NA)),
+        "density per layer": ", ".join(f"{v:.3g}" for v in dens) or R.NA,
+        "dense-phase ms": R.fmt_num(r.by_phase.get("dense")),
+        "sparse-phase ms": R.fmt_num(sparse_ms, R.NA if ts is None else "none timed"),
+        "sparse-phase peak MiB": R.fmt_num((r.mem_by_phase or {}).get("sparse"), R.NA),
+        "sparse / fastest dense": R.fmt_ratio_or_na(None if sparse_ms is None else sparse_ms / dense_ms),
+        "sparse / fastest fixed (its density)": R.NA if sparse_ms is None or R.is_missing(fixed_ms) else
+        f"{R.fmt_ratio(sparse_ms / fixed_ms)} (d={R.fmt_num(fixed_d, R.NA)})",
+        "sparse / nearest-density fixed": R.NA if sparse_ms is None or near_lab is None else
+        f"{R.fmt_ratio(sparse_ms / near_ms)} ({near_lab}, d={R.fmt_num(near_d)})",
+        "best ckpt (phase @ step)": best, "test attention": info.get("tested_with", R.NA),
+        # the Trainer also tests every other phase's best checkpoint (pitfall 12): "main metric, phase ckpt"
+        "test with other phase's best": ", ".join(
+            f"{R.fmt_num(v)} ({k.rsplit('_best_', 1)[1]})" for k, v in sorted(r.metrics.items())
+            if k.startswith(f"{r.main_metric}_best_")) or R.NA,
+    }
+
+
+def _report_section(s, ctx) -> tuple[list[str], list]:
+    """SPION runs of one scale (``s``: every method's runs; ours are ``ctx.methods``): transition, densities,
+    per-phase step time vs the fastest dense and fixed-pattern methods, layouts (ours and the fixed patterns')."""
+    import pandas as pd
+
+    from bench import report as R
+
+    mine = s.method.isin(ctx.methods)
+    if not mine.any():
+        return [], []
+    ctx.add_note(R.NOTE_CKPT_PHASE, " (the original code's behaviour; spion.md pitfall 12): see the SPION section for "
+                                    "each phase's best checkpoint tested")
+    ctx.add_note(R.NOTE_PHASED, "; per-phase numbers are in the SPION section")
+    md = ["### SPION\n", _SECTION_INTRO]
+    written, ckpt_note = [], False
+    for task, t in s[s.task.isin(s[mine].task)].groupby("task", sort=True):
+        ours, fixed = t.method.isin(ctx.methods), t.family.eq("fixed_pattern")
+        dense_lab, dense_ms = R.fastest(t, t.dense)
+        fixed_lab, fixed_ms = R.fastest(t, fixed)
+        fixed_d = R.mean_density(t[t.label == fixed_lab].density) if fixed_lab else math.nan
+        md.append(f"#### {task}\n")
+        md.append(f"Fastest dense: {f'**{dense_lab}** ({R.fmt_num(dense_ms)} ms/step)' if dense_lab else 'none measured'}; "
+                  f"fastest fixed pattern: " + (f"**{fixed_lab}** ({R.fmt_num(fixed_ms)} ms/step, mean density "
+                                                f"{R.fmt_num(fixed_d, R.NA)})" if fixed_lab else "none measured") + ".\n")
+        fixed_all = {lab: (float(g.step_ms.mean()), R.mean_density(g.density))
+                     for lab, g in t[fixed].groupby("label", sort=True)}
+        rows = [_report_row(r, dense_ms, fixed_ms, fixed_d, fixed_all) for r in t[ours].itertuples()]
+        ckpt_note |= any(R.DENSE_CKPT in r["best ckpt (phase @ step)"] for r in rows)
+        md.append(R.md_table(pd.DataFrame(rows)))
+        figs = []
+        for r in t[ours].itertuples():
+            if r.info.get("layouts"):
+                title = f"{task} / {r.label} (seed {r.seed}): layout per layer"
+                figs += ctx.save(R.layout_figure(r.info["layouts"], title), task, r.label, f"s{r.seed}", "layouts")
+        for label, g in t[fixed].groupby("label", sort=True):
+            r = next(g.itertuples())
+            if r.info.get("layout_layer0"):
+                figs += ctx.save(R.layout_figure([r.info["layout_layer0"]], f"{task} / {label} (seed {r.seed}): layer 0"),
+                                 task, label, f"s{r.seed}", "layout0")
+        written += figs
+        md.append(R.figure_links(figs))
+    if ckpt_note:
+        md.append(f"{R.DENSE_CKPT} The best dev checkpoint is from the dense phase (before the transition): the "
+                  "reported test metric uses those dense-phase weights with the attention in `test attention`.\n")
+    return md, written
 
 
 @register_method("spion_cf")

@@ -263,8 +263,89 @@ def test_tasks_without_records_are_named(tmp_path):
 
 
 def test_nearest_density_fixed_pattern():
-    from bench.report import _nearest_density
+    from methods.spion import _nearest_density
 
     fixed = {"bigbird": (10.0, 0.30), "local": (12.0, 0.06), "strided": (float("nan"), 0.05)}  # strided: not timed
     assert _nearest_density(fixed, [0.05, 0.05]) == ("local", 12.0, 0.06)
     assert _nearest_density(fixed, [])[0] is None
+
+
+# ----------------------------------------------------------------------------- families, method sections
+
+def test_unknown_method_of_family_fixed_pattern_is_a_fixed_pattern(tmp_path):
+    """Reports go by family, not by name: a method the report has never heard of, of family "fixed_pattern", is
+    compared with SPION and gets its layout drawn like the registered fixed patterns."""
+    results = tmp_path / "results"
+    recs = [
+        _lra("lra_listops", "dense", 38.0, 20.0, {"family": "dense"}),
+        _lra("lra_listops", "my_window", 38.0, 10.0, {"family": "fixed_pattern", "density_per_layer": [0.25, 0.25],
+                                                      "layout_layer0": LAYOUT}),
+        _lra("lra_listops", "spion_cf", 37.0, 15.0, _spion("spion_cf", 1749), {"dense": 16.0, "sparse": 8.0}),
+        # a legacy "sparse" record of a method not registered is no fixed pattern (no family to map it to)
+        _lra("lra_listops", "gone_method", 38.0, 1.0, {"family": "sparse", "density_per_layer": [0.4375, 0.4375]}),
+    ]
+    for r in recs:
+        write_record(r, results / "lra" / record_filename(r.task, r.method, "small", 0, r.config_hash))
+    written = render_reports(results, tmp_path / "r", {})
+    md = (tmp_path / "r" / "lra.md").read_text(encoding="utf-8")
+    sec = md.split("### SPION")[1]
+    assert "fastest fixed pattern: **my_window** (10.00 ms/step, mean density 0.250)" in sec
+    assert _cells(sec, "spion_cf")[11:13] == ["0.80× (d=0.250)", "0.80× (my_window, d=0.250)"]
+    assert "gone_method" not in sec
+    p = tmp_path / "r" / "figures" / "lra_small_lra_listops_my_window_s0_layout0.png"
+    assert p in written and "(figures/lra_small_lra_listops_my_window_s0_layout0.png)" in sec
+
+
+def test_legacy_sparse_family_maps_to_the_registered_family():
+    import dataclasses
+
+    from bench.report import _runs_frame
+
+    recs = []
+    for method, fam in (("spion_c", "sparse"), ("bigbird", "sparse"), ("flex", "dense"), ("gone_method", "sparse")):
+        rec = dataclasses.asdict(_lra("lra_listops", method, 1.0, 1.0, {"family": fam}))
+        recs.append({**rec, "_path": f"{method}.json"})
+    df = _runs_frame(recs).set_index("method")
+    assert df.family.to_dict() == {"bigbird": "fixed_pattern", "flex": "dense", "gone_method": "sparse",
+                                   "spion_c": "learned_pattern"}
+    assert df.dense.to_dict() == {"bigbird": False, "flex": True, "gone_method": False, "spion_c": False}
+
+
+def test_one_section_per_implementation(tmp_path, monkeypatch):
+    """spion_c, spion_f and spion_cf share one report_section: called once per scale, with all three names."""
+    import methods.spion as S
+    from bench.registry import METHODS
+
+    calls = []
+    real = S._Spion.report_section.__func__
+
+    def spy(cls, runs, ctx):
+        calls.append((cls.name, ctx.scale, ctx.methods))
+        return real(cls, runs, ctx)
+
+    for name in ("spion_c", "spion_cf", "spion_f"):
+        assert METHODS[name].report_section.__func__ is real
+    monkeypatch.setattr(S._Spion, "report_section", classmethod(spy))
+    results = tmp_path / "results"
+    for r in (_lra("lra_listops", "spion_cf", 37.0, 15.0, _spion("spion_cf", 1749)),
+              _lra("lra_listops", "spion_c", 37.0, 16.0, _spion("spion_c", None))):
+        write_record(r, results / "lra" / record_filename(r.task, r.method, "small", 0, r.config_hash))
+    render_reports(results, tmp_path / "r", {})
+    assert calls == [("spion_c", "small", ("spion_c", "spion_cf", "spion_f"))]
+
+
+def test_report_names_no_method():
+    """bench/report.py groups by family; method-specific text lives in the methods' report_section."""
+    import inspect
+
+    import bench.report
+    from bench.method import FAMILIES
+    from bench.registry import METHODS, load_all
+
+    load_all()
+    src = inspect.getsource(bench.report)
+    assert "spion" not in src.lower()
+    # names that are also families or names of the kernel sweep's kernels and layout patterns (not methods)
+    allowed = set(FAMILIES) | {"flex", "local", "bigbird"}
+    for name in METHODS:
+        assert name in allowed or name not in src, name

@@ -2,7 +2,7 @@
 import torch
 
 from kernels import attention_stats, block_sparse_attention, build_lut, random_layout
-from methods.dense import eager_attention
+from bench.attention import eager_attention
 
 B, H, L, D, BS, DENSITY = 2, 4, 512, 32, 32, 0.25
 

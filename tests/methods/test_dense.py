@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from bench.method import AttentionSpec
-from methods.dense import Dense, Eager, FlexCore, SDPAConfig, eager_attention
+from bench.attention import eager_attention
+from bench.method import AttentionSpec, MethodContext
+from methods.dense import Dense, Eager, Flex, FlexCore, SDPAConfig
 
 
 def _ref(q, k, v, kpm, causal):
@@ -55,10 +56,25 @@ def test_flex_builds_one_block_mask_per_batch_not_per_layer(monkeypatch):
 
 
 def test_has_padding_asks_once_per_mask_and_sees_in_place_edits():
-    from methods.dense import has_padding
+    from bench.attention import has_padding
 
     kpm = torch.ones(2, 8, dtype=torch.bool)
     assert not has_padding(kpm) and not has_padding(kpm) and not has_padding(None)
     kpm[0, 5:] = False  # same tensor, edited in place: a new answer
     assert has_padding(kpm)
     assert not has_padding(torch.ones(2, 8, dtype=torch.bool))  # a new tensor
+
+
+def test_dense_family_and_defaults():
+    ctx = MethodContext(task="lra_listops", suite="lra", scale="tiny")
+    for cls in (Dense, Flex, Eager):
+        assert cls.family == "dense"
+        assert cls.default_config(ctx) == cls.Config()
+
+
+def test_primitives_live_in_bench_attention():
+    import bench.attention as A
+    import methods.dense as D
+
+    assert D.eager_attention is A.eager_attention and D.masked_sdpa is A.masked_sdpa  # re-exported, not copied
+    assert D.FlexCore._block_masks.__class__ is A.PerMask

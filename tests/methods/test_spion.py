@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.errors import BenchError
-from bench.method import AttentionSpec
+from bench.method import AttentionSpec, MethodContext
 from methods import spion as S
 
 
@@ -301,15 +301,25 @@ def test_avg_over_k_batches_arms_the_last_k_steps():
     assert armed == [False] * 7 + [True] * 3
 
 
+def _ctx(task, scale):
+    from bench.registry import get_task
+
+    model, data, _, _ = get_task(task).presets(scale)
+    return MethodContext(task=task, suite="lra", scale=scale, model=model, data=data)
+
+
 def test_default_config_per_task():
-    c = S.SpionCF.default_config("lra_text", "paper")
+    assert S.SpionCF.family == S.SpionC.family == S.SpionF.family == "learned_pattern"
+    c = S.SpionCF.default_config(_ctx("lra_text", "paper"))
     assert (c.block_size, c.quantile, c.density, c.softmax_mode) == (64, 0.99, 0.03, "phantom_zero")
-    c = S.SpionC.default_config("lra_image", "small")
+    c = S.SpionC.default_config(_ctx("lra_image", "small"))
     assert (c.block_size, c.quantile, c.density) == (32, 0.96, 0.04)
-    c = S.SpionF.default_config("lra_retrieval", "paper")
+    c = S.SpionF.default_config(_ctx("lra_retrieval", "paper"))
     assert (c.quantile, c.density) == (0.99, 0.021)
-    c = S.SpionCF.default_config("lra_listops", "tiny")
-    assert c.block_size == 16 and "tiny" in c.note
+    c = S.SpionCF.default_config(_ctx("lra_listops", "tiny"))
+    assert (c.block_size, c.check_every) == (16, 10)
+    assert c.note == ("tiny scale: block_size 64 -> 16 so that nb = L / B >= 4 (L = 128); "
+                      "tiny scale: transition checked every 10 steps (not at eval steps)")
 
 
 # ---- 4. end to end ---------------------------------------------------------------------------------------
