@@ -18,6 +18,7 @@ from .layout import (
     strided_layout,
     validate_layout,
 )
+from .moe_ffn import MoEDispatch, moe_dispatch, moe_ffn, moe_ffn_flops, moe_ffn_reference, permute_hidden
 
 __all__ = [
     "block_sparse_attention",
