@@ -64,12 +64,18 @@ def _random_pooled(rng: np.random.Generator, nb: int, kind: int) -> np.ndarray:
         return rng.random((nb, nb), dtype=np.float32)
     if kind == 1:  # few distinct values: many ties in the three-way comparisons
         return (rng.integers(0, 4, (nb, nb)) / 4).astype(np.float32)
-    # an attention-like map: a real softmax map, filtered and pooled as SPION does
+    # an attention-like map: a real softmax map, filtered and pooled as SPION does; the filter is computed as
+    # the diagonal window sum test 1 checks diagonal_filter against (diagonal_filter's 31x31 conv2d is 30x the
+    # work, and without oneDNN an im2col of ~1 GB per 512x512 map: it dominated this test on a busy 2-core box)
     L = nb * 8
     s = torch.from_numpy(rng.standard_normal((L, L), dtype=np.float32)) * 2
     s += 3 * torch.eye(L) + 2 * torch.eye(L).roll(int(rng.integers(1, L)), 1)
     A = torch.softmax(s, -1)
-    return S.pool_blocks(S.diagonal_filter(A), 8).numpy()
+    C = torch.zeros_like(A)
+    for t in range(-15, 16):  # C[i, j] = sum_{|t| <= 15} A[i+t, j+t], zero outside: diagonal_filter(A, 31)
+        lo, hi = max(0, -t), min(L, L - t)
+        C[lo:hi, lo:hi] += A[lo + t:hi + t, lo + t:hi + t]
+    return S.pool_blocks(C, 8).numpy()
 
 
 def test_flood_fill_matches_recursive_original():
