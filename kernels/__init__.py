@@ -4,10 +4,12 @@ Import after setting ``TRITON_INTERPRET=1`` if you want the Triton kernels on CP
 """
 from .attention_stats import AttentionStatsAccumulator, attention_stats
 from .block_sparse_attention import HAS_TRITON, block_sparse_attention, block_sparse_attention_reference
+from .errors import KernelArgumentError
 from .layout import (
     LayoutLUT,
     bigbird_layout,
     build_lut,
+    causal_block_mask,
     clear_lut_cache,
     dense_mask_from_layout,
     get_lut,
@@ -15,8 +17,18 @@ from .layout import (
     local_layout,
     longformer_layout,
     random_layout,
+    slice_layout,
     strided_layout,
     validate_layout,
+)
+from .masks import (
+    PackedMask,
+    block_sparse_flops,
+    causal_element_mask,
+    fully_pruned_rows,
+    layout_from_element_mask,
+    mask_sparsity,
+    pack_element_mask,
 )
 from .moe_ffn import MoEDispatch, moe_dispatch, moe_ffn, moe_ffn_flops, moe_ffn_reference, permute_hidden
 
@@ -38,4 +50,14 @@ __all__ = [
     "bigbird_layout",
     "strided_layout",
     "layout_density",
+    "causal_block_mask",
+    "slice_layout",
+    "KernelArgumentError",
+    "PackedMask",
+    "pack_element_mask",
+    "causal_element_mask",
+    "layout_from_element_mask",
+    "mask_sparsity",
+    "fully_pruned_rows",
+    "block_sparse_flops",
 ]

@@ -35,10 +35,12 @@ number of sequences; ``mean()`` divides.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .block_sparse_attention import HAS_TRITON, LOG2E, _INTERPRET, _check_triton_usable
+from .errors import KernelArgumentError, describe
 
 if HAS_TRITON:
     from .block_sparse_attention import _load_operand, _mask_scores
@@ -81,7 +83,7 @@ if HAS_TRITON:
             kt = _load_operand(K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                                offs_n[None, :] < L, False, UPCAST)
             s = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale2
-            s = _mask_scores(s, offs_m, offs_n, L, KPM + b * stride_pb, CAUSAL, HAS_KPM)
+            s = _mask_scores(s, offs_m, offs_n, L, KPM + b * stride_pb, 0, CAUSAL, HAS_KPM)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             l_i = l_i * tl.exp2(m_i - m_use) + tl.sum(tl.exp2(s - m_use[:, None]), 1)
@@ -122,7 +124,7 @@ if HAS_TRITON:
                                col_ok[None, :], False, UPCAST)
             lse2 = tl.load(Lse + (b * H + h) * L + offs_m, mask=row_ok, other=float("inf"))  # rows past L: P = 0
             s = tl.dot(q, kt, input_precision=DOT_PREC) * sm_scale2
-            s = _mask_scores(s, offs_m, offs_n, L, KPM + b * stride_pb, CAUSAL, HAS_KPM)
+            s = _mask_scores(s, offs_m, offs_n, L, KPM + b * stride_pb, 0, CAUSAL, HAS_KPM)
             acc += tl.exp2(s - lse2[:, None])
         if POOL:
             n_rows = tl.minimum(L - pid_m * BLOCK_M, BLOCK_M)
@@ -232,30 +234,48 @@ def _stats_sum_triton(q, k, key_padding_mask, causal, block_size, per_head, sm_s
     return acc
 
 
+def _validate_options(causal, block_size, per_head, sm_scale):
+    E = KernelArgumentError
+    if not isinstance(causal, bool):
+        raise E(f"causal: expected True or False, got {describe(causal)}")
+    if not isinstance(per_head, bool):
+        raise E(f"per_head: expected True or False, got {describe(per_head)}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise E(f"block_size: expected None or a positive int, got {describe(block_size)}")
+    if sm_scale is not None and (isinstance(sm_scale, bool) or not isinstance(sm_scale, numbers.Real)
+                                 or not math.isfinite(sm_scale)):
+        raise E(f"sm_scale: expected a finite float or None, got {describe(sm_scale)}")
+
+
 def _validate(q, k, key_padding_mask, block_size, backend):
+    E = KernelArgumentError
     for name, t in (("q", q), ("k", k)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-dim tensor (B, H, L, D), got "
-                             + (str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__))
+            raise E(f"{name}: expected a 4-dim tensor (B, H, L, D), got "
+                    + (str(tuple(t.shape)) if isinstance(t, torch.Tensor) else describe(t)))
     if k.shape != q.shape:
-        raise ValueError(f"k: expected the same shape as q {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise E(f"k: expected the same shape as q {tuple(q.shape)}, got {tuple(k.shape)}")
     if k.dtype != q.dtype or k.device != q.device:
-        raise ValueError(f"k: expected q's dtype/device ({q.dtype}, {q.device}), got ({k.dtype}, {k.device})")
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"backend: expected one of ('auto', 'triton', 'torch'), got {backend!r}")
+        raise E(f"k: expected q's dtype/device ({q.dtype}, {q.device}), got ({k.dtype}, {k.device})")
+    if not isinstance(backend, str) or backend not in ("auto", "triton", "torch"):
+        raise E(f"backend: expected one of ('auto', 'triton', 'torch'), got {describe(backend)}")
     allowed = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if backend == "torch" else ())
     if q.dtype not in allowed:
-        raise ValueError(f"q: expected dtype in {allowed}, got {q.dtype}")
+        raise E(f"q: expected dtype in {allowed}, got {q.dtype}")
     B, H, L, D = q.shape
+    if B < 1 or H < 1 or L < 1:
+        # a batch of 0 sequences used to return an all-NaN mean (0 / 0)
+        raise E(f"q: expected B, H, L >= 1 (a non-empty batch), got shape {tuple(q.shape)}")
     if backend == "triton" and D not in (16, 32, 64, 128):
-        raise ValueError(f"q: the triton backend expects head dim D in (16, 32, 64, 128), got {D}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"block_size: expected None or a positive int, got {block_size!r}")
+        raise E(f"q: the triton backend expects head dim D in (16, 32, 64, 128), got {D}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise E(f"block_size: expected None or a positive int, got {describe(block_size)}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
-            raise ValueError("key_padding_mask: expected a bool tensor of shape (B, L) (True = real token)")
+            raise E(f"key_padding_mask: expected a bool tensor of shape ({B}, {L}) (True = real token), "
+                    f"got {describe(key_padding_mask)}")
         if tuple(key_padding_mask.shape) != (B, L):
-            raise ValueError(f"key_padding_mask: expected shape ({B}, {L}), got {tuple(key_padding_mask.shape)}")
+            raise E(f"key_padding_mask: expected shape ({B}, {L}), got {tuple(key_padding_mask.shape)}")
 
 
 def _resolve_backend(q, backend):
@@ -281,6 +301,7 @@ def attention_stats(q, k, *, key_padding_mask=None, causal=False, block_size=Non
     overwritten, not accumulated: use :class:`AttentionStatsAccumulator` to sum over batches).
     """
     _validate(q, k, key_padding_mask, block_size, backend)
+    _validate_options(causal, block_size, per_head, sm_scale)
     backend = _resolve_backend(q, backend)
     B, H, L, D = q.shape
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
@@ -289,7 +310,8 @@ def attention_stats(q, k, *, key_padding_mask=None, causal=False, block_size=Non
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.dtype != torch.float32 or tuple(out.shape) != final_shape \
                 or out.device != q.device:
-            raise ValueError(f"out: expected a float32 tensor of shape {final_shape} on {q.device}")
+            raise KernelArgumentError(f"out: expected a float32 tensor of shape {final_shape} on {q.device}, "
+                                      f"got {describe(out)}")
     acc = torch.zeros(shape, device=q.device, dtype=torch.float32)
     _stats_sum(q, k, key_padding_mask, causal, block_size, per_head, sm_scale, acc, backend)
     res = (acc / B).reshape(final_shape)
@@ -314,6 +336,9 @@ class AttentionStatsAccumulator:
     """
 
     def __init__(self, *, causal=False, block_size=None, per_head=True, sm_scale=None, backend="auto"):
+        _validate_options(causal, block_size, per_head, sm_scale)
+        if not isinstance(backend, str) or backend not in ("auto", "triton", "torch"):
+            raise KernelArgumentError(f"backend: expected one of ('auto', 'triton', 'torch'), got {describe(backend)}")
         self.causal = causal
         self.block_size = block_size
         self.per_head = per_head
@@ -330,8 +355,8 @@ class AttentionStatsAccumulator:
         if self.sum is None:
             self.sum = torch.zeros(shape, device=q.device, dtype=torch.float32)
         elif tuple(self.sum.shape) != shape:
-            raise ValueError(f"q: expected H and L matching the first update (accumulator shape {tuple(self.sum.shape)}), "
-                             f"got shape {tuple(q.shape)}")
+            raise KernelArgumentError(f"q: expected H and L matching the first update (accumulator shape "
+                                      f"{tuple(self.sum.shape)}), got shape {tuple(q.shape)}")
         sm_scale = float(D ** -0.5 if self.sm_scale is None else self.sm_scale)
         _stats_sum(q, k, key_padding_mask, self.causal, self.block_size, self.per_head, sm_scale, self.sum, backend)
         self.count += B
@@ -339,7 +364,7 @@ class AttentionStatsAccumulator:
 
     def mean(self):
         if self.sum is None or self.count == 0:
-            raise ValueError("AttentionStatsAccumulator.mean: no batches were added (call update first)")
+            raise KernelArgumentError("AttentionStatsAccumulator.mean: no batches were added (call update first)")
         res = self.sum / self.count
         return res if self.per_head else res[0]
 

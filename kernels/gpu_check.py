@@ -3,7 +3,9 @@
     python -m kernels.gpu_check [--parts correctness,tune,bench,big] [--out DIR]
 
 * correctness: triton vs an fp64 reference on CUDA (fp32 / bf16, D 64 / 128, L up to 16k, renorm
-  and phantom_zero, causal, key padding, odd L; forward and dq/dk/dv) with the suite's tolerance
+  and phantom_zero, causal, key padding, odd L; rectangular Lq != Lk, causal rectangular (bottom-right
+  diagonal), per-head element masks with fully pruned rows and ``empty_rows="uniform"``; forward and
+  dq/dk/dv) with the suite's tolerance
   rule (docs/perf.md): err(triton) <= 2x (out) / 3x (grads) err(same-precision dense PyTorch).
   Also attention_stats vs its torch reference.
 * tune: a small sweep of (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head dim.
@@ -24,7 +26,7 @@ import traceback
 
 import torch
 
-from kernels import block_sparse_attention, attention_stats, random_layout
+from kernels import block_sparse_attention, attention_stats, pack_element_mask, random_layout
 from kernels.block_sparse_attention import (
     _triton_backward, _triton_forward, block_sparse_attention_reference,
 )
@@ -39,29 +41,45 @@ def log(*a):
     LOG.append(s)
 
 
-def dense_same_precision(q, k, v, layout, bs, causal, kpm, mode):
-    """Plain dense masked attention in q's dtype (the 'same-precision PyTorch' of the tolerance rule)."""
+def dense_same_precision(q, k, v, layout, bs, causal, kpm, mode, em=None, empty_rows="zero"):
+    """Plain dense masked attention in q's dtype (the 'same-precision PyTorch' of the tolerance rule).
+    q (B, H, Lq, D), k/v (B, H, Lk, D); causal bottom-right aligned; ``em`` bool (H|1, Lq, Lk) keep-mask;
+    ``empty_rows="uniform"``: AP's finite fill (pruned -> dtype min / 2, invalid -> -inf)."""
     B, H, L, D = q.shape
-    lay = layout.to(q.device).repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :L, :L]
+    LK = k.shape[2]
+    lay = layout.to(q.device).repeat_interleave(bs, 1).repeat_interleave(bs, 2)[:, :L, :LK]
+    vis = torch.ones(L, LK, dtype=torch.bool, device=q.device)
     if causal:
-        lay = lay & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
-    kept = lay[None]
-    real = kept if kpm is None else kept & kpm[:, None, None, :]
+        vis = vis.tril(diagonal=LK - L)
+    kept = lay[None] if em is None else lay[None] & em.to(q.device)[None]
+    valid = vis[None, None] if kpm is None else vis[None, None] & kpm[:, None, None, :]
     s = (q @ k.transpose(-1, -2)) * D ** -0.5
-    if mode == "renorm":
-        s = s.masked_fill(~real, float("-inf"))
+    if mode == "renorm" and empty_rows == "uniform":
+        s = s.masked_fill(~kept, torch.finfo(s.dtype).min / 2).masked_fill(~valid, float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num(0.0)
+    elif mode == "renorm":
+        s = s.masked_fill(~(kept & valid), float("-inf"))
         p = torch.softmax(s, -1).nan_to_num(0.0)
     else:
-        s = torch.where(kept, s, torch.zeros_like(s)).masked_fill(kept & ~real, float("-inf"))
-        p = torch.softmax(s, -1) * real
+        s = torch.where(kept, s, torch.zeros_like(s)).masked_fill(kept & ~valid, float("-inf"))
+        p = torch.softmax(s, -1) * (kept & valid)
     return p.to(q.dtype) @ v
+
+
+def _element_mask(g, hm, L, LK, dev):
+    """A random AP-like keep-mask (60 % kept) with fully pruned rows and a fully pruned block."""
+    em = torch.rand(hm, L, LK, generator=g) < 0.6
+    em[:, L // 3] = False
+    em[:, L // 2: L // 2 + 7] = False
+    em[:, :64, :64] = False
+    return em.to(dev)
 
 
 def correctness():
     rows = []
     dev = "cuda"
     cases = [
-        # B, H, L, D, bs, dtype, causal, kpm, mode, per_head_layout
+        # B, H, L, D, bs, dtype, causal, kpm, mode, per_head_layout[, extras]
         (2, 2, 1024, 64, 64, torch.bfloat16, False, False, "renorm", True),
         (2, 2, 1000, 128, 64, torch.bfloat16, True, True, "renorm", False),
         (1, 2, 2048, 64, 128, torch.bfloat16, False, True, "phantom_zero", False),
@@ -72,39 +90,62 @@ def correctness():
         (1, 1, 16384, 128, 64, torch.bfloat16, False, False, "phantom_zero", False),
         (2, 2, 512, 16, 16, torch.float16, True, True, "renorm", True),
         (2, 2, 500, 32, 32, torch.float16, False, True, "phantom_zero", True),
+        # Attention Pruning features: rectangular (cross-attention), causal rectangular (bottom-right
+        # diagonal), per-head element masks with fully pruned rows, the uniform fallback
+        (2, 2, 700, 64, 64, torch.bfloat16, False, True, "renorm", True, dict(lk=1500)),
+        (2, 2, 1500, 128, 64, torch.float32, False, True, "renorm", False, dict(lk=777)),
+        (2, 2, 1000, 64, 128, torch.bfloat16, True, True, "renorm", True, dict(lk=2048)),
+        (2, 2, 2048, 64, 64, torch.float16, True, False, "renorm", True, dict(lk=1000)),
+        (2, 4, 1024, 64, 64, torch.bfloat16, False, True, "renorm", True, dict(em="per_head")),
+        (2, 2, 999, 128, 64, torch.float32, True, True, "renorm", True, dict(em="per_head", empty_rows="uniform")),
+        (2, 2, 600, 64, 32, torch.bfloat16, True, True, "renorm", False,
+         dict(lk=1300, em="broadcast", empty_rows="uniform")),
+        (1, 2, 4096, 64, 128, torch.bfloat16, True, False, "renorm", True, dict(em="per_head")),
     ]
-    for (B, H, L, D, bs, dt, causal, use_kpm, mode, ph) in cases:
-        name = f"B{B} H{H} L{L} D{D} bs{bs} {str(dt)[6:]} causal={int(causal)} kpm={int(use_kpm)} {mode}"
+    for case in cases:
+        (B, H, L, D, bs, dt, causal, use_kpm, mode, ph), extra = case[:10], (case[10] if len(case) > 10 else {})
+        LK = extra.get("lk", L)
+        em_kind, empty_rows = extra.get("em"), extra.get("empty_rows", "zero")
+        name = (f"B{B} H{H} L{L}" + (f"x{LK}" if LK != L else "") + f" D{D} bs{bs} {str(dt)[6:]} causal={int(causal)} "
+                f"kpm={int(use_kpm)} {mode}" + (f" em={em_kind}" if em_kind else "")
+                + (f" empty_rows={empty_rows}" if empty_rows != "zero" else ""))
         try:
-            g = torch.Generator().manual_seed(L + D)
-            nb = math.ceil(L / bs)
-            lay = random_layout(H if ph else 1, nb, 0.3, g, keep_diagonal=True)
+            g = torch.Generator().manual_seed(L + D + LK)
+            nbq, nbk = math.ceil(L / bs), math.ceil(LK / bs)
+            if LK == L:
+                lay = random_layout(H if ph else 1, nbq, 0.3, g, keep_diagonal=True)
+            else:
+                lay = torch.rand(H if ph else 1, nbq, nbk, generator=g) < 0.3
             lay[:, 1] = False  # an empty query-block row
-            lay[:, :, min(2, nb - 1)] = False  # an empty key-block column
-            q, k, v = [torch.randn(B, H, L, D, device=dev, dtype=torch.float64) for _ in range(3)]
+            lay[:, :, min(2, nbk - 1)] = False  # an empty key-block column
+            q = torch.randn(B, H, L, D, device=dev, dtype=torch.float64)
+            k, v = [torch.randn(B, H, LK, D, device=dev, dtype=torch.float64) for _ in range(2)]
             kpm = None
             if use_kpm:
-                kpm = torch.ones(B, L, dtype=torch.bool, device=dev)
-                kpm[0, L * 3 // 4:] = False
-                kpm[-1, : L // 10] = False
+                kpm = torch.ones(B, LK, dtype=torch.bool, device=dev)
+                kpm[0, LK * 3 // 4:] = False
+                kpm[-1, : LK // 10] = False
+            em = None if em_kind is None else _element_mask(g, H if em_kind == "per_head" else 1, L, LK, dev)
             do = torch.randn(B, H, L, D, device=dev, dtype=torch.float64)
+            kw = dict(block_size=bs, causal=causal, key_padding_mask=kpm, softmax_mode=mode, element_mask=em,
+                      empty_rows=empty_rows)
             # fp64 reference (chunked, checkpointed) with autograd
             qr, kr, vr = [x.clone().requires_grad_() for x in (q, k, v)]
-            ref = block_sparse_attention_reference(qr, kr, vr, lay, block_size=bs, causal=causal,
-                                                   key_padding_mask=kpm, softmax_mode=mode)
+            ref = block_sparse_attention_reference(qr, kr, vr, lay, **kw)
             rg = torch.autograd.grad(ref, (qr, kr, vr), do)
             # same-precision dense pytorch
-            if L <= 4096:
+            if L * LK <= 4096 * 4096:
                 qs, ks, vs = [x.to(dt).requires_grad_() for x in (q, k, v)]
-                sp = dense_same_precision(qs, ks, vs, lay, bs, causal, kpm, mode)
+                sp = dense_same_precision(qs, ks, vs, lay, bs, causal, kpm, mode, em, empty_rows)
                 sg = torch.autograd.grad(sp, (qs, ks, vs), do.to(dt))
                 sp_err = [(sp.double() - ref).abs().max().item()] + [(a.double() - b).abs().max().item() for a, b in zip(sg, rg)]
                 del sp, sg
             else:
                 sp_err = None
             qt, kt, vt = [x.to(dt).requires_grad_() for x in (q, k, v)]
-            out = block_sparse_attention(qt, kt, vt, lay, block_size=bs, causal=causal, key_padding_mask=kpm,
-                                         softmax_mode=mode, backend="triton")
+            if em is not None:
+                kw["element_mask"] = pack_element_mask(em)  # the hot-path form (a bool mask is packed per call)
+            out = block_sparse_attention(qt, kt, vt, lay, backend="triton", **kw)
             tg = torch.autograd.grad(out, (qt, kt, vt), do.to(dt))
             tr_err = [(out.double() - ref).abs().max().item()] + [(a.double() - b).abs().max().item() for a, b in zip(tg, rg)]
             nan = any(torch.isnan(x).any().item() for x in (out, *tg))

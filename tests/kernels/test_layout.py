@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from kernels.layout import (  # noqa: E402
     bigbird_layout,
     build_lut,
+    causal_block_mask,
     clear_lut_cache,
     dense_mask_from_layout,
     get_lut,
@@ -21,6 +22,7 @@ from kernels.layout import (  # noqa: E402
     local_layout,
     longformer_layout,
     random_layout,
+    slice_layout,
     strided_layout,
     validate_layout,
 )
@@ -66,11 +68,98 @@ def test_lut_cache_hit_and_invalidation():
     assert get_lut(lay) is a  # cache hit: same object
     assert get_lut(lay, causal=True) is not a  # causal is part of the key
     same_content = lay.clone()
-    assert get_lut(same_content) is not a  # identity-keyed (documented)
-    lay[0, 0, 5] = not bool(lay[0, 0, 5])  # in-place edit bumps _version -> rebuilt
+    assert get_lut(same_content) is a  # content-keyed: equal layouts share one entry
+    lay[0, 0, 5] = not bool(lay[0, 0, 5])  # in-place edit -> rebuilt
     b = get_lut(lay)
     assert b is not a
     assert b.nnz == int(lay.sum())
+    assert get_lut(same_content) is a  # the other tensor still has the old content
+
+
+def _flip(t, idx):
+    t[idx] = not bool(t[idx])
+
+
+@pytest.mark.parametrize("how", ["data", "numpy", "detach"])
+def test_lut_cache_sees_untracked_edits(how):
+    """Edits that do not bump layout._version (the old cache key) must still be seen."""
+    clear_lut_cache()
+    lay = random_layout(1, 5, 0.4, torch.Generator().manual_seed(3))
+    a = get_lut(lay)
+    v0 = lay._version
+    if how == "data":
+        _flip(lay.data, (0, 0, 4))
+    elif how == "numpy":
+        _flip(lay.numpy(), (0, 0, 4))
+    else:
+        _flip(lay.detach().numpy(), (0, 0, 4))
+    if how != "detach":
+        assert lay._version == v0  # the edit is invisible to the version counter
+    b = get_lut(lay)
+    assert b is not a and b.nnz == int(lay.sum())
+    ref = build_lut(lay.clone())
+    assert torch.equal(b.col_idx, ref.col_idx) and torch.equal(b.row_ptr, ref.row_ptr)
+
+
+def test_lut_cache_fresh_views_and_recycled_memory():
+    """A fresh view of the same memory per call (slice_layout) hits the cache; a different layout at a
+    recycled address never does (the bytes are compared, not the address)."""
+    from kernels.layout import _CACHE_STATS
+
+    clear_lut_cache()
+    big = random_layout(2, 8, 0.5, torch.Generator().manual_seed(0))
+    a = get_lut(slice_layout(big, 40, 70, 16))
+    misses = _CACHE_STATS["misses"]
+    assert get_lut(slice_layout(big, 40, 70, 16)) is a and _CACHE_STATS["misses"] == misses
+    for seed in range(4):  # allocate / free layouts of one size: addresses get reused
+        lay = random_layout(1, 6, 0.5, torch.Generator().manual_seed(seed))
+        assert get_lut(lay).nnz == int(lay.sum())
+        assert torch.equal(get_lut(lay).col_idx, build_lut(lay).col_idx)
+        del lay
+
+
+def test_lut_of_inference_mode_layout():
+    """A layout made under torch.inference_mode() has no version counter; get_lut used to crash on it."""
+    clear_lut_cache()
+    with torch.inference_mode():
+        lay = random_layout(2, 4, 0.5, torch.Generator().manual_seed(1))
+    a = get_lut(lay)
+    assert a.nnz == int(lay.sum())
+    with torch.inference_mode():
+        lay[0, 0, 3] = not bool(lay[0, 0, 3])
+        b = get_lut(lay)
+    assert b.nnz == int(lay.sum()) and b is not a
+
+
+def test_lut_rectangular_and_causal_geometry():
+    """Rectangular layouts: CSR over nbq rows, CSC over nbk columns; causal trims with the bottom-right
+    diagonal (query i sees keys j <= i + lk - lq) at block granularity."""
+    g = torch.Generator().manual_seed(5)
+    for lq, lk, bs in [(40, 70, 16), (70, 40, 16), (33, 33, 16), (16, 100, 32), (100, 16, 32)]:
+        nbq, nbk = math.ceil(lq / bs), math.ceil(lk / bs)
+        lay = torch.rand(2, nbq, nbk, generator=g) < 0.7
+        for causal in (False, True):
+            lut = build_lut(lay, causal, lq=lq, lk=lk, block_size=bs)
+            assert (lut.nbq, lut.nbk) == (nbq, nbk)
+            assert lut.row_ptr.numel() == 2 * nbq + 1 and lut.col_ptr.numel() == 2 * nbk + 1
+            elem = dense_mask_from_layout(lay, lq, bs, causal, lk)  # (2, lq, lk), bottom-right causal
+            # a block is in the LUT iff it holds a visible kept element
+            blk = torch.zeros(2, nbq * bs, nbk * bs, dtype=torch.int32)
+            blk[:, :lq, :lk] = elem
+            eff = blk.view(2, nbq, bs, nbk, bs).sum((2, 4)) > 0
+            assert lut.nnz == int(eff.sum())
+            rp, ci = lut.row_ptr.tolist(), lut.col_idx.tolist()
+            for r, cols in enumerate(_csr_from_nonzero(eff)):
+                assert ci[rp[r]:rp[r + 1]] == cols
+            cp, ri = lut.col_ptr.tolist(), lut.row_idx.tolist()
+            for c, rows in enumerate(_csr_from_nonzero(eff.transpose(1, 2))):
+                assert ri[cp[c]:cp[c + 1]] == rows
+    # causal geometry is part of the cache key (same layout content, different lengths)
+    clear_lut_cache()
+    lay = torch.ones(1, 3, 3, dtype=torch.bool)
+    a = get_lut(lay, True, lq=48, lk=48, block_size=16)
+    b = get_lut(lay, True, lq=33, lk=48, block_size=16)
+    assert a.nnz == 6 and b.nnz == 8 and a is not b  # lq < lk shifts the diagonal right by 15 keys (2+3+3)
 
 
 def test_validate_layout_errors():
@@ -81,6 +170,25 @@ def test_validate_layout_errors():
                 torch.ones(4, 4, dtype=torch.bool), "layout"):
         with pytest.raises(ValueError, match="layout"):
             validate_layout(bad, 2, 4)
+    rect = torch.ones(2, 3, 5, dtype=torch.bool)
+    assert validate_layout(rect, 2, 3, 5) is rect
+    with pytest.raises(ValueError, match=r"layout: expected shape \(2, 5, 3\)"):
+        validate_layout(rect, 2, 5, 3)
+
+
+def test_slice_layout_and_causal_block_mask():
+    big = random_layout(2, 8, 0.5, torch.Generator().manual_seed(0))
+    s = slice_layout(big, 40, 70, 16)
+    assert s.shape == (2, 3, 5) and torch.equal(s, big[:, :3, :5])
+    with pytest.raises(ValueError, match="layout"):
+        slice_layout(big, 200, 16, 16)
+    assert torch.equal(causal_block_mask(4, 4, 64, 64, 16), torch.ones(4, 4, dtype=torch.bool).tril())
+    # lq=20, lk=50, bs=16: offset 30; block row 0 (rows 0-15) sees keys <= 45 -> key blocks 0..2
+    m = causal_block_mask(2, 4, 20, 50, 16)
+    assert m.tolist() == [[True, True, True, False], [True, True, True, True]]
+    # lq=50, lk=20: offset -30; rows 0-15 see nothing, rows 16-31 see keys <= 1 (block 0)
+    m = causal_block_mask(4, 2, 50, 20, 16)
+    assert m.tolist() == [[False, False], [True, False], [True, True], [True, True]]
 
 
 def test_dense_mask_from_layout():
