@@ -4,19 +4,28 @@ Examples
   python run_all.py --suite lra --tasks listops                 # tiny on CPU, small on a GPU
   python run_all.py --suite lra --methods dense:backend=flash flex --seeds 0 1 2 --scale small
   python run_all.py --suite lra --dry-run                       # print the run matrix only
-  python run_all.py --suite lra --resume                        # skip runs whose record exists
+  python run_all.py --suite lra --resume                        # skip runs whose record exists and matches
   python run_all.py --report                                    # render reports/ from results/ only
   python run_all.py --suite lra train.lr=3e-4 model.n_layers=4  # overrides: section.field=value
   python run_all.py --suite lra --tasks text --methods spion_cf local:density=0.026   # fixed pattern at SPION's density
   python run_all.py --suite kernels sweep.lengths=4096 sweep.head_dims=64           # kernel sweep (GPU), one shape
   python run_all.py --suite kernels sweep.lengths= sweep.record_layouts=results/lra/<spion run>.json
                                                    # SPION's learned layouts vs equal-density patterns
+
+Records and concurrent sweeps
+  A sweep checks --out (and --reports-dir) is a writable directory and every run's config before any work.
+  Each run takes a lock on its record (<out>/.locks/), so two sweeps into one --out share the work: a run locked by
+  another live sweep is skipped ("running in another sweep"), one it finished meanwhile is not redone. A file at a
+  run's name that is not that run's record (unreadable, another schema_version, or a task/method/scale/seed/config
+  hash other than its name says) is moved aside to <out>/.aside/ with a one-line note, never overwritten; so is
+  the previous record when a run is redone without --resume.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--data-dir", type=Path, help="offline data root holding e.g. lra_listops/, wikitext2/, glue/")
-    p.add_argument("--out", type=Path, default=Path("results"), help="where records go (default: results/)")
+    p.add_argument("--out", type=Path, default=Path("results"), help="where records go (default: results/); "
+                   "several sweeps may share one --out (see below)")
     p.add_argument("--reports-dir", type=Path, default=Path("reports"), help="where reports go (default: reports/)")
-    p.add_argument("--resume", action="store_true", help="skip runs whose record already exists and is valid")
+    p.add_argument("--resume", action="store_true", help="skip runs whose record already exists, is valid and is "
+                   "the run its file name says (task, method, scale, seed, config hash); without it a finished run "
+                   "is redone and its old record moved aside")
     p.add_argument("--dry-run", action="store_true", help="print the run matrix and exit")
-    p.add_argument("--report", action="store_true", help="only render reports from --out; run nothing")
+    p.add_argument("--report", action="store_true", help="only render reports from the records in --out (an error "
+                   "if it holds none); run nothing")
     p.add_argument("--no-report", action="store_true", help="do not render reports after the sweep")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a TTY)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -151,6 +164,64 @@ def build_run_config(task_name: str, spec: MethodSpec, scale: str, seed: int, de
     return apply_overrides(cfg, mine)
 
 
+def checked_run_config(task_name: str, spec: MethodSpec, scale: str, seed: int, device, overrides: list[str]):
+    """``build_run_config`` plus every check a run's settings get before any work: the config sections' own
+    checks (``bench.config.validate_run_config``, run by ``apply_overrides``) and the shared kernel's checks of the
+    method's block size. Anything wrong is a one-line ``BenchError`` naming the option."""
+    try:
+        cfg = build_run_config(task_name, spec, scale, seed, device, overrides)
+    except BenchError as e:
+        msg = _one_line(e)
+        for o in spec.overrides:  # 'local:window_blocks=-1' reached the config as method.window_blocks
+            key = o.split("=", 1)[0]
+            msg = msg.replace(f"method.{key}", f"{spec.name}:{key}")
+        raise BenchError(msg) from None
+    except (ValueError, TypeError, AssertionError) as e:  # e.g. a config's __post_init__ check
+        where = " ".join([spec.label, *overrides]).strip()
+        raise BenchError(f"invalid settings for {task_name} ({where}): {_one_line(e) or type(e).__name__}") from None
+    check_method_kernel_args(cfg, spec)
+    return cfg
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
+
+
+_KERNEL_CHECKED: dict[object, str | None] = {}
+
+
+def check_method_kernel_args(cfg, spec: MethodSpec) -> None:
+    """A method config with a ``block_size`` runs on the shared block-sparse kernel: let the kernel's own argument
+    check (``kernels.block_sparse_attention``) judge that block size now, on a one-block CPU input, instead of at
+    the first training step."""
+    bs = getattr(cfg.method_cfg, "block_size", None)
+    if bs is None:
+        return
+    key = (spec.name, type(bs), bs)
+    if key not in _KERNEL_CHECKED:
+        _KERNEL_CHECKED[key] = _kernel_block_size_problem(bs)
+    if _KERNEL_CHECKED[key]:
+        raise BenchError(f"invalid value for {spec.name}:block_size={bs!r} (the block-sparse kernel's check): "
+                         f"{_KERNEL_CHECKED[key]}")
+
+
+def _kernel_block_size_problem(bs) -> str | None:
+    try:
+        import torch
+
+        from kernels.block_sparse_attention import block_sparse_attention
+    except ImportError:  # pragma: no cover
+        return None
+    L = bs if isinstance(bs, int) and not isinstance(bs, bool) and 0 < bs <= 1024 else 16
+    q = torch.zeros(1, 1, L, 16)
+    nb = max(1, -(-L // bs)) if isinstance(bs, int) and not isinstance(bs, bool) and bs > 0 else 1
+    try:
+        block_sparse_attention(q, q, q, torch.ones(1, nb, nb, dtype=torch.bool), block_size=bs, backend="torch")
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        return _one_line(e) or type(e).__name__
+    return None
+
+
 def check_overrides(overrides: list[str], methods: list[MethodSpec]) -> None:
     """A 'method.x' override must fit at least one selected method."""
     from bench import registry
@@ -179,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(args)
     except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: finished runs are saved; rerun the same command with --resume to complete the rest",
@@ -203,9 +274,11 @@ def _other_hardware_note(path: Path, device) -> str:
 
 def _main(args) -> int:
     from bench import registry
-    from bench.records import is_finished, record_filename, write_record
+    from bench.records import record_filename
 
     if args.report:
+        _check_has_records(args.out)
+        _check_writable_dir(args.reports_dir, "--reports-dir")
         return render(args.out, args.reports_dir)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise BenchError(f"--data-dir {args.data_dir} does not exist or is not a directory")
@@ -246,60 +319,139 @@ def _main(args) -> int:
             task_methods = methods
         else:
             task_methods = [m for m in default_methods(task_cls.suite) if m in methods]
+        task_plan, problem = [], None
         for m in task_methods:
             for seed in args.seeds:
-                cfg = build_run_config(t, m, scale, seed, device, args.overrides) if m.name != t else None
+                cfg = checked_run_config(t, m, scale, seed, device, args.overrides) if m.name != t else None
                 suite = task_cls.suite or "misc"
                 if cfg is not None:
+                    problem = problem or getattr(task_cls, "data_dir_problem", lambda d, c: None)(args.data_dir, cfg)
                     path = args.out / suite / record_filename(t, m.name, scale, seed, cfg.hash)
+                    expected = {"task": t, "method": m.name, "scale": scale, "seed": seed, "config_hash": cfg.hash}
                 else:  # kernel sweep: name by the grid it measures
                     import hashlib
 
                     grid = hashlib.sha256(repr(sorted(o for o in args.overrides if o.startswith("sweep."))).encode())
                     path = args.out / suite / f"{t}__{scale}__s{seed}__{grid.hexdigest()[:10]}.json"
-                plan.append((t, m, seed, cfg, path))
+                    expected = {"task": t, "scale": scale, "seed": seed}
+                task_plan.append((t, m, seed, cfg, path, expected))
+        if problem:  # --data-dir has the task's folder but nothing usable in it: never fall back silently
+            if explicit:
+                raise BenchError(f"{t}: {problem}")
+            skipped.append((t, problem))
+            continue
+        plan += task_plan
     for t, reason in skipped:
         print(f"skip {t}: {reason}")
     if args.dry_run:
+        from bench.records import record_state
+
         print(f"{len(plan)} runs at scale {scale} on {device}:")
-        for t, m, seed, cfg, path in plan:
-            state = "done" if is_finished(path) else "todo"
-            print(f"  [{state}] {t:<22} {m.label:<28} seed {seed}  -> {path}")
+        for t, m, seed, cfg, path, expected in plan:
+            state, why = record_state(path, expected)
+            note = f"  (the file there is {state}: {why}; it would be moved aside)" if why else ""
+            print(f"  [{'done' if state == 'done' else 'todo'}] {t:<22} {m.label:<28} seed {seed}  -> {path}{note}")
         return 0
     if not plan:
         raise BenchError("no runs left: every selected task was skipped (see the reasons above)")
-    for stale in args.out.rglob(".*.tmp") if args.out.is_dir() else []:
-        stale.unlink()  # debris of a write killed mid-way (the target file itself is never half-written)
+    return _sweep(args, plan, device, scale, explicit)
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    """``path`` is (or can be made) a directory this process can create files in; else a one-line BenchError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"{flag} {path} is an existing file, not a directory; pass a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=".write-check."):
+            pass
+    except OSError as e:
+        raise BenchError(f"{flag} {path} is not writable ({e.strerror or type(e).__name__}); pass another "
+                         "directory or fix its permissions") from None
+
+
+def _check_has_records(out: Path) -> None:
+    from bench.records import has_records
+
+    if not Path(out).is_dir():
+        raise BenchError(f"--out {out} does not exist: nothing to report (a typo? records are under results/ "
+                         "by default)")
+    if not has_records(out):
+        raise BenchError(f"--out {out} holds no readable records: nothing to report")
+
+
+def _sweep(args, plan, device, scale, explicit) -> int:
+    from bench import locks
+    from bench.records import move_aside, record_state, write_record_keeping
+
+    # everything that could fail without training is checked first
+    _check_writable_dir(args.out, "--out")
+    for parent in sorted({path.parent for *_, path, _ in plan}):
+        _check_writable_dir(parent, "--out")
+    if not args.no_report:
+        _check_writable_dir(args.reports_dir, "--reports-dir")
+    try:
+        locks.ensure_lock_dir(args.out)
+    except OSError as e:
+        raise BenchError(f"--out {args.out}: cannot create its lock folder ({e.strerror or e})") from None
+    locks.remove_dead_tmp(args.out)  # debris of writes killed mid-way (files of live writers stay)
+    # what each planned name held when this sweep started: a record that appears or changes later was written by
+    # another sweep sharing --out, and is not redone
+    at_start = {path: _stat(path) for *_, path, _ in plan}
     progress = not args.no_progress and sys.stderr.isatty()
     from tqdm.auto import tqdm
 
-    done, data_failed = 0, set()
+    data_failed = set()
     sweep = tqdm(plan, desc="sweep", unit="run", disable=not progress)
-    for i, (t, m, seed, cfg, path) in enumerate(sweep, 1):
+    for i, (t, m, seed, cfg, path, expected) in enumerate(sweep, 1):
         tag = f"[{i}/{len(plan)}] {t} {m.label} seed {seed}"
-        if args.resume and is_finished(path):
-            print(f"{tag}: done already ({path})" + _other_hardware_note(path, device))
-            continue
         if t in data_failed:
             continue
-        t0 = time.perf_counter()
-        try:
-            record = run_one(t, m, seed, cfg, device, args.data_dir, scale, progress, args.overrides)
-        except DataUnavailable as e:
-            if explicit:
-                raise
-            data_failed.add(t)  # a suite goes on without the task, saying why in one line
-            print(f"skip {t}: {e}")
+        if args.resume and record_state(path, expected)[0] == "done":
+            print(f"{tag}: done already ({path})" + _other_hardware_note(path, device))
             continue
-        write_record(record, path)
-        done += 1
+        lock = locks.RecordLock(args.out, path)
+        if not lock.acquire():
+            print(f"{tag}: running in another sweep, skipped ({path})")
+            continue
+        try:
+            locks.remove_record_tmp(path)  # ours now: a temporary file of it with no live writer is debris
+            state, why = record_state(path, expected)
+            if state == "done" and (args.resume or _stat(path) != at_start[path]):
+                print(f"{tag}: done by another sweep ({path})")
+                continue
+            if state in ("unreadable", "mismatch"):
+                dest = move_aside(path, args.out, state)
+                print(f"{tag}: {path} is not this run's record ({why}); moved it aside to {dest}")
+            t0 = time.perf_counter()
+            try:
+                record = run_one(t, m, seed, cfg, device, args.data_dir, scale, progress, args.overrides)
+            except DataUnavailable as e:
+                if explicit:
+                    raise
+                data_failed.add(t)  # a suite goes on without the task, saying why in one line
+                print(f"skip {t}: {_one_line(e)}")
+                continue
+            old = write_record_keeping(record, path, args.out)  # redone without --resume: the old one is kept
+            kept = f"; the previous record is kept as {old}" if old else ""
+        finally:
+            lock.release()
         main_metric = record.budget.get("main_metric")
         val = record.metrics.get(main_metric)
         shown = f"{main_metric}={val:.4g}" if isinstance(val, float) else "ok"
-        print(f"{tag}: {shown} ({time.perf_counter() - t0:.1f} s) -> {path}")
+        print(f"{tag}: {shown} ({time.perf_counter() - t0:.1f} s) -> {path}{kept}")
     if not args.no_report:
         render(args.out, args.reports_dir)
     return 0
+
+
+def _stat(path: Path):
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, progress, overrides=()):
@@ -316,7 +468,8 @@ def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, pro
         method.variant = ",".join(spec.overrides)
     record = Trainer(cfg, task, method, device, progress=progress).run()
     folder = task_cls.data_folder(scale) if data_dir else None
-    if folder and (Path(data_dir) / folder).is_dir():  # offline data: say which copy (generated data: its notes)
+    # offline data: say which copy, only if it was read (generated or downloaded data: its notes say so)
+    if folder and (Path(data_dir) / folder).is_dir() and task.data_dir_used():
         from bench.records import data_fingerprint
 
         record.budget["data_files"] = {"folder": folder, "sha256_16": data_fingerprint(Path(data_dir) / folder)}
@@ -327,7 +480,10 @@ def render(results: Path, reports: Path) -> int:
     from bench import registry
     from bench.report import render_reports
 
+    from bench.records import load_errata
+
     registry.load_all()
+    load_errata(results)  # a malformed errata.json is one line naming the file, not a traceback from the report
     refs = {name: dict(getattr(cls, "REFERENCE", {}) or {}) for name, cls in registry.TASKS.items()}
     # without --data-dir: a task that cannot be had anywhere (e.g. LRA Retrieval's AAN) says so in its report
     suite_tasks = {suite: {t: registry.TASKS[t].data_available(None, "paper") for t in names}

@@ -46,6 +46,23 @@ class Task:
         """None if data can be had (generated, found locally, or downloadable), else a one-line reason."""
         return None
 
+    @classmethod
+    def data_dir_problem(cls, data_dir: Path | None, cfg: Any) -> str | None:
+        """A one-line reason why ``--data-dir`` cannot be used as given for this run config, else None.
+
+        The rule for tasks that could also generate or download their data: if ``data_dir/<their folder>/`` exists
+        but holds no usable files, that is an error (say so, and to fix or remove the folder), never a silent fallback
+        to generated or downloaded data (the record would fingerprint a folder it never read). Tasks that only read
+        files report missing ones in ``data_available`` and ``prepare``."""
+        return None
+
+    def data_dir_used(self) -> bool:
+        """After ``prepare()``: did this run read its data from ``--data-dir``? (Then the record fingerprints the
+        task's folder there.) Default: a data dir was given and the task's folder exists in it; tasks that can fall
+        back to generated or downloaded data (or are told to, ``data.source=generate``) override this."""
+        folder = self.data_folder(self.cfg.scale) if self.data_dir is not None else None
+        return bool(folder) and (self.data_dir / folder).is_dir()
+
     def prepare(self) -> None:
         """Load or generate the data; raise ``DataUnavailable`` with a message that says what to do."""
 

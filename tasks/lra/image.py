@@ -256,8 +256,27 @@ class Image(LRAClassificationTask):
             return f"CIFAR-10 not available offline: pass --data-dir pointing at a folder containing {FOLDER}/cifar10_jpg.tar.xz"
         return None
 
+    @classmethod
+    def data_dir_problem(cls, data_dir, cfg):
+        """``--data-dir D`` with a ``D/lra_image_cifar10/`` holding no usable CIFAR-10 files: refuse (the run would otherwise
+        download the data while looking as if it had read the folder)."""
+        if data_dir is None or cfg.data.source == "hf":
+            return None
+        folder = Path(data_dir) / FOLDER
+        if folder.is_dir() and _find_source(data_dir) is None:
+            return (f"{folder} exists but holds no usable CIFAR-10 files (expected "
+                    "cifar10_jpg.tar.xz or cifar10_jpg/{train,test}/); fix it, remove it to download the data from the "
+                    "HF hub, or pass data.source=hf")
+        return None
+
+    def data_dir_used(self) -> bool:
+        return self.cfg.data.source != "hf" and _find_source(self.data_dir) is not None
+
     def prepare(self) -> None:
         d = self.cfg.data
+        problem = self.data_dir_problem(self.data_dir, self.cfg) if d.source == "auto" else None
+        if problem:
+            raise DataUnavailable(problem)
         data, self.lossy = load_cifar_gray(self.data_dir, d.source)
         (tr_x, tr_y), (te_x, te_y) = data["train"], data["test"]
         n_dev = min(d.n_dev, len(tr_y))

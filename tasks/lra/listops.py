@@ -228,6 +228,33 @@ def write_tsv(path: Path, trees: list[bytes], values) -> None:
             w.writerow([to_lra_string(t), int(v)])
 
 
+def _structure_problem(ids: np.ndarray) -> str | None:
+    """Why a Source expression is not one complete ListOps tree (None if it is): every operator must be closed by a
+    ``]`` that follows at least one argument, and nothing may follow the root's end. (Parentheses are not checked:
+    the LRA pipeline strips them and they carry nothing; a truncated line loses its closing ``]``.)"""
+    stack: list[int] = []  # arguments seen so far by each open operator
+    for pos, t in enumerate(ids.tolist()):
+        if t == _END and not stack:
+            return "a ']' closes no operator"
+        if not stack and pos:
+            return f"tokens after the end of the expression (at token {pos + 1} of {len(ids)})"
+        if t == _END:
+            if stack.pop() == 0:
+                return "an operator with no arguments"
+            if stack:
+                stack[-1] += 1
+        elif t > 10:  # an operator
+            stack.append(0)
+        else:  # a digit
+            if stack:
+                stack[-1] += 1
+            elif len(ids) > 1:
+                return "tokens after the end of the expression (at token 2)"
+    if stack:
+        return f"unbalanced brackets ({len(stack)} operator(s) never closed by ']')"
+    return None
+
+
 def read_tsv(path: Path, max_len: int, n_cap: int = 0) -> LRASplit:
     """Read an LRA release ListOps TSV; any deviation raises ``DataUnavailable`` naming file and line."""
     if not path.is_file():
@@ -264,6 +291,10 @@ def read_tsv(path: Path, max_len: int, n_cap: int = 0) -> LRASplit:
                 ) from None
             if len(ids) == 0:
                 raise DataUnavailable(f"{path} line {lineno}: empty Source expression")
+            problem = _structure_problem(ids)
+            if problem:
+                raise DataUnavailable(f"{path} line {lineno}: {problem}; the expression looks truncated or corrupt "
+                                      f"(expected one complete expression like '( ( ( [MAX 4 ) 3 ) ] )')")
             seqs.append(ids)
             labels.append(label)
             if n_cap and len(labels) >= n_cap:
@@ -335,12 +366,30 @@ class ListOps(LRAClassificationTask):
             return f"ListOps files not found: pass --data-dir with {FOLDER}/basic_{{train,val,test}}.tsv"
         return None  # generated otherwise
 
+    @classmethod
+    def data_dir_problem(cls, data_dir, cfg):
+        """``--data-dir D`` with a ``D/lra_listops/`` lacking ``basic_train.tsv``: refuse (the run would otherwise
+        generate data while looking as if it had read the folder)."""
+        if data_dir is None or cfg.data.source == "generate":
+            return None
+        folder = Path(data_dir) / FOLDER
+        if folder.is_dir() and cls._files_dir(data_dir) is None:
+            return (f"{folder} exists but holds no usable ListOps files (expected basic_{{train,val,test}}.tsv); "
+                    "fix it, remove it to use generated data, or pass data.source=generate")
+        return None
+
+    def data_dir_used(self) -> bool:
+        return self._use_files()
+
     def _use_files(self) -> bool:
         d = self.cfg.data
         if d.source not in ("auto", "generate", "files"):
             raise DataUnavailable(f"lra_listops: data.source={d.source!r}; expected auto, generate or files")
         if d.source == "generate":
             return False
+        problem = self.data_dir_problem(self.data_dir, self.cfg) if d.source == "auto" else None
+        if problem:
+            raise DataUnavailable(problem)
         found = self._files_dir(self.data_dir)
         if d.source == "files" and found is None:
             where = (Path(self.data_dir) / FOLDER / FILE_NAMES["train"]) if self.data_dir else f"--data-dir …/{FOLDER}"

@@ -429,12 +429,30 @@ class Pathfinder(LRAClassificationTask):
             return f"Pathfinder files not found: pass --data-dir with {FOLDER}/{SUBDIR.as_posix()}/metadata/*.npy + imgs/"
         return None
 
+    @classmethod
+    def data_dir_problem(cls, data_dir, cfg):
+        """``--data-dir D`` with a ``D/lra_pathfinder/`` lacking the release layout: refuse (the run would otherwise
+        generate images while looking as if it had read the folder)."""
+        if data_dir is None or cfg.data.source == "generate":
+            return None
+        folder = Path(data_dir) / FOLDER
+        if folder.is_dir() and _files_root(data_dir) is None:
+            return (f"{folder} exists but holds no usable Pathfinder files (expected {SUBDIR.as_posix()}/metadata/*.npy "
+                    "+ imgs/); fix it, remove it to use generated data, or pass data.source=generate")
+        return None
+
+    def data_dir_used(self) -> bool:
+        return self._use_files()
+
     def _use_files(self) -> bool:
         d = self.cfg.data
         if d.source not in ("auto", "generate", "files"):
             raise DataUnavailable(f"lra_pathfinder: data.source={d.source!r}; expected auto, generate or files")
         if d.source == "generate":
             return False
+        problem = self.data_dir_problem(self.data_dir, self.cfg) if d.source == "auto" else None
+        if problem:
+            raise DataUnavailable(problem)
         root = _files_root(self.data_dir)
         if d.source == "files" and root is None:
             where = Path(self.data_dir) / FOLDER / SUBDIR / "metadata" if self.data_dir else f"--data-dir …/{FOLDER}"

@@ -233,8 +233,27 @@ class Text(LRAClassificationTask):
                     "(aclImdb_train.tar.xz + aclImdb_test.tar.xz, aclImdb_v1.tar.gz or aclImdb/)")
         return None  # downloadable from the HF hub (prepare() says so if that fails)
 
+    @classmethod
+    def data_dir_problem(cls, data_dir, cfg):
+        """``--data-dir D`` with a ``D/lra_text_imdb/`` holding no usable IMDB files: refuse (the run would otherwise
+        download the data while looking as if it had read the folder)."""
+        if data_dir is None or cfg.data.source == "hf":
+            return None
+        folder = Path(data_dir) / FOLDER
+        if folder.is_dir() and _find_source(data_dir) is None:
+            return (f"{folder} exists but holds no usable IMDB files (expected aclImdb_train.tar.xz "
+                    "+ aclImdb_test.tar.xz, aclImdb_v1.tar.gz or "
+                    "aclImdb/{train,test}/); fix it, remove it to download the data from the HF hub, or pass data.source=hf")
+        return None
+
+    def data_dir_used(self) -> bool:
+        return self.cfg.data.source != "hf" and _find_source(self.data_dir) is not None
+
     def prepare(self) -> None:
         d = self.cfg.data
+        problem = self.data_dir_problem(self.data_dir, self.cfg) if d.source == "auto" else None
+        if problem:
+            raise DataUnavailable(problem)
         raw = load_reviews(self.data_dir, d.source)
         self.splits = {}
         for split, src, n_cap in (("train", "train", d.n_train), ("dev", "test", d.n_dev), ("test", "test", d.n_test)):

@@ -26,6 +26,10 @@ def run_all(*args, cwd=ROOT, timeout=600):
     (["--suite", "lra", "--tasks", "listops", "train.bogus=1"], "has no field 'bogus'"),
     (["--suite", "lra", "--tasks", "listops", "--data-dir", "/nonexistent/dir"], "--data-dir /nonexistent/dir does not exist"),
     (["--suite", "lra", "--tasks", "listops", "--methods", "dense:backend=warp"], "unknown SDPA backend 'warp'"),
+    (["--suite", "lra", "--tasks", "listops", "train.steps=0"], "invalid value for train.steps"),
+    (["--suite", "lra", "--tasks", "listops", "model.n_heads=3"], "model.n_heads: 3; it must divide"),
+    (["--suite", "lra", "--tasks", "listops", "--methods", "local:density=nan"], "local:density"),
+    (["--suite", "lra", "--tasks", "listops", "--methods", "local:block_size=48"], "local:block_size=48"),
 ])
 def test_one_line_errors(tmp_path, args, msg):
     r = run_all(*args, "--out", str(tmp_path), "--dry-run")
@@ -125,3 +129,54 @@ def test_kernels_suite_takes_no_methods_and_checks_record_layouts_first(tmp_path
     assert r.returncode == 2 and "sweep.record_layouts: /nonexistent.json is not a file" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("*.json"))  # failed before anything was timed or written
+
+
+@pytest.mark.parametrize("setup", ["missing", "empty", "only_bad"])
+def test_report_with_no_records_in_out_fails_in_one_line(tmp_path, setup):
+    out = tmp_path / "reslts"  # a typo of results/
+    if setup != "missing":
+        out.mkdir()
+    if setup == "only_bad":
+        (out / "x.json").write_text("{")
+    r = run_all("--report", "--out", str(out), "--reports-dir", str(tmp_path / "rep"))
+    assert r.returncode == 2 and r.stderr.startswith("error: --out ") and str(out) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "rep").exists()  # no reports rewritten from nothing
+
+
+def _committed_record() -> Path:
+    return sorted((ROOT / "results" / "lra").glob("lra_listops__*.json"))[0]
+
+
+def test_one_malformed_record_does_not_break_the_report(tmp_path):
+    out = tmp_path / "results"
+    (out / "lra").mkdir(parents=True)
+    good = _committed_record()
+    (out / "lra" / good.name).write_bytes(good.read_bytes())
+    bad = json.loads(good.read_text())
+    bad["metrics"][next(iter(bad["metrics"]))] = "n/a"
+    (out / "lra" / ("broken__" + good.name)).write_text(json.dumps(bad))
+    r = run_all("--report", "--out", str(out), "--reports-dir", str(tmp_path / "rep"))
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stdout.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 1 and "broken__" in warnings[0] and "expected a number or null" in warnings[0]
+    assert "Rendered from 1 record(s)" in (tmp_path / "rep" / "lra.md").read_text()
+
+
+def test_corrupt_errata_is_one_line(tmp_path):
+    """(The report itself reads errata.json: until it skips a bad file, the CLI names it in one line.)"""
+    out = tmp_path / "results"
+    (out / "lra").mkdir(parents=True)
+    good = _committed_record()
+    (out / "lra" / good.name).write_bytes(good.read_bytes())
+    (out / "errata.json").write_text('[{"id": 1, "records": [')
+    r = run_all("--report", "--out", str(out), "--reports-dir", str(tmp_path / "rep"))
+    assert r.returncode == 2 and "errata.json" in r.stderr and "not valid JSON" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_help_documents_resume_and_concurrent_sweeps():
+    r = run_all("--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "running in another sweep" in text and ".aside" in text and "config hash" in text
