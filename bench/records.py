@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,15 @@ REQUIRED = {
     "wall_time_s": (int, float),
 }
 
+# Optional, additive fields (schema_version 1 unchanged): absent from older records, and from a new record's JSON
+# when None. Readers must tolerate their absence (``record.get("stages") or []``).
+OPTIONAL = {
+    "stages": list,  # one dict per stage the run went through (name, kind, steps, step time, memory...)
+    "operating_points": list,  # Sweep stages: one dict per evaluated point (point, metrics, facts, cost)
+    "artifacts": (list, dict),  # stage outputs loaded from / saved to the artifact cache
+    "cost": dict,  # forward cost of the final model (bench/cost.py)
+}
+
 
 @dataclass
 class RunRecord:
@@ -68,9 +77,33 @@ class RunRecord:
     wall_time_s: float
     history: list = field(default_factory=list)  # periodic eval/train-loss points
     schema_version: int = SCHEMA_VERSION
+    stages: list | None = None
+    operating_points: list | None = None
+    artifacts: list | dict | None = None
+    cost: dict | None = None
+
+    def to_dict(self) -> dict:
+        """The record as written: the optional fields (``OPTIONAL``) are left out when None, so a record that does
+        not use them is byte-identical to one written before they existed."""
+        return record_dict(self)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True, default=_json_default) + "\n"
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True, default=_json_default) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RunRecord":
+        """A RunRecord from a record dict (as ``read_record`` returns it); keys that are not fields (``_path``)
+        are dropped, absent optional fields are None."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def record_dict(record: "RunRecord | dict") -> dict:
+    data = asdict(record) if isinstance(record, RunRecord) else dict(record)
+    for key in OPTIONAL:
+        if key in data and data[key] is None:
+            del data[key]
+    return data
 
 
 def _json_default(obj: Any) -> Any:
@@ -130,7 +163,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_record(record: RunRecord | dict, path: Path) -> Path:
-    data = asdict(record) if isinstance(record, RunRecord) else record
+    data = record_dict(record)
     validate(data, source=str(path))
     atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True, default=_json_default) + "\n")
     return path
@@ -139,7 +172,7 @@ def write_record(record: RunRecord | dict, path: Path) -> Path:
 def write_record_keeping(record: RunRecord | dict, path: Path, out: Path) -> Path | None:
     """``write_record``, but a file already at ``path`` is first moved aside (``move_aside(..., "replaced")``), only
     once the new record has validated; returns where the old file went (None if there was none)."""
-    data = asdict(record) if isinstance(record, RunRecord) else record
+    data = record_dict(record)
     validate(data, source=str(path))
     old = move_aside(path, out, "replaced") if Path(path).exists() else None
     write_record(data, path)
@@ -157,6 +190,13 @@ def validate(data: dict, source: str = "<record>") -> dict:
             raise BenchError(f"{source}: missing field {key!r}")
         if not isinstance(data[key], typ) or (typ is int and isinstance(data[key], bool)):
             raise BenchError(f"{source}: field {key!r} should be {getattr(typ, '__name__', typ)}")
+    for key, typ in OPTIONAL.items():
+        value = data.get(key)
+        if value is not None and not isinstance(value, typ):
+            names = " or ".join(t.__name__ for t in (typ if isinstance(typ, tuple) else (typ,)))
+            raise BenchError(f"{source}: optional field {key!r} should be {names} or null")
+    if isinstance(data.get("stages"), list) and not all(isinstance(s, dict) for s in data["stages"]):
+        raise BenchError(f"{source}: field 'stages' should be a list of objects")
     for name, value in data["metrics"].items():
         if name not in data["higher_is_better"]:
             raise BenchError(f"{source}: metric {name!r} has no higher_is_better entry")

@@ -224,3 +224,37 @@ def test_errata_are_validated(tmp_path):
         with pytest.raises(BenchError, match=needle) as e:
             load_errata(tmp_path)
         assert "\n" not in str(e.value)
+
+
+def test_optional_v2_fields_round_trip_and_are_absent_when_unused(tmp_path):
+    """stages / operating_points / artifacts / cost: optional and additive (schema_version unchanged); a record
+    that does not use them is written exactly as before, and readers tolerate their absence."""
+    from bench.records import SCHEMA_VERSION, RunRecord
+
+    plain = write_record(make_record(), tmp_path / "plain.json")
+    data = json.loads(plain.read_text())
+    assert not {"stages", "operating_points", "artifacts", "cost"} & set(data)
+    assert RunRecord.from_dict(read_record(plain)).stages is None
+
+    extra = dict(stages=[{"name": "dense", "kind": "train", "steps": 10}, {"name": "sparse", "kind": "train"}],
+                 operating_points=[{"stage": "sweep", "point": {"density": 0.1}, "metrics": {"accuracy": 40.0}}],
+                 artifacts=[{"stage": "dense", "kind": "checkpoint", "key": "ab12", "reused": True}],
+                 cost={"flops": 123.0, "attention_density": 0.25})
+    p = write_record(make_record(**extra), tmp_path / "v2.json")
+    back = read_record(p)
+    assert back["schema_version"] == SCHEMA_VERSION == 1
+    for k, v in extra.items():
+        assert back[k] == v
+    again = RunRecord.from_dict(back)
+    assert json.loads(again.to_json()) == json.loads(p.read_text())
+
+
+@pytest.mark.parametrize("key, bad", [("stages", {"a": 1}), ("stages", [1, 2]), ("cost", [1]),
+                                      ("operating_points", "x")])
+def test_optional_fields_of_the_wrong_type_are_rejected(tmp_path, key, bad):
+    p = write_record(make_record(), tmp_path / "r.json")
+    d = json.loads(p.read_text())
+    d[key] = bad
+    p.write_text(json.dumps(d))
+    with pytest.raises(BenchError, match=key):
+        read_record(p)
