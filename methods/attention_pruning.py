@@ -107,6 +107,7 @@ class APConfig:
     protocol: str = "retrain"  # retrain (same init; spec §2.4 [INF]) | finetune (from the dense ckpt) | inference
     dense_steps: int = 0  # steps of the dense stage; 0 = train.steps (shared dense checkpoint)
     masked_steps: int = 0  # steps of the masked stage; 0 = train.steps
+    masked_lr: float = 0.0  # peak LR of the masked stage; 0 = train.lr (protocol=finetune: warm-up <= steps / 10)
     block_size: int = 64  # block_sparse mode: layout block (kernel tile); default from the task (default_config)
     sweep: str = ""  # '/'-separated taus evaluated eval-only after training, e.g. 0.5/0.8/0.9 ('' = none)
     stats_max_sequences: int = 0  # 0 = the whole training split (faithful); N = the first N sequences (deviation)
@@ -520,7 +521,8 @@ class APCore(AttentionCore):
             m = self._slice(r0, Lq, Lk)
             valid = _valid_grid(Lq, Lk, self.spec.causal)
             allowed = m & valid
-            self._cache[key] = (allowed.to(device), valid.to(device))
+            static_empty = bool((~allowed.any(-1)).any())  # a fully pruned row even without padding
+            self._cache[key] = (allowed.to(device), valid.to(device), static_empty)
         return self._cache[key]
 
     def _block(self, r0, Lq, Lk, device):
@@ -558,8 +560,10 @@ class APCore(AttentionCore):
         """Exact masked SDPA: kept & valid entries renormalised; fully pruned rows uniform (or zero)."""
         B, H, Lq, _ = q.shape
         Lk = k.shape[2]
-        allowed, valid = self._dense_mask(r0, Lq, Lk, q.device)  # (H, Lq, Lk), (Lq, Lk)
+        allowed, valid, static_empty = self._dense_mask(r0, Lq, Lk, q.device)  # (H, Lq, Lk), (Lq, Lk), bool
         allowed, valid = allowed[None], valid[None, None]
+        if kpm is None and not static_empty:  # no fully pruned row: plain masked SDPA
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
         if kpm is not None:
             allowed = allowed & kpm[:, None, None, :]
             valid = valid & kpm[:, None, None, :]
@@ -641,7 +645,11 @@ class AttentionPruning(Method):
                       artifact_key={"count": cfg.count, "max_sequences": cfg.stats_max_sequences,
                                     "version": STATS_VERSION})]
         if cfg.protocol != "inference":
-            st.append(Train("masked", steps=cfg.masked_steps or trainer.cfg.train.steps, optimizer="new"))
+            steps = cfg.masked_steps or trainer.cfg.train.steps
+            warm = None
+            if cfg.protocol == "finetune":  # a short fine-tune of a converged model: warm-up at most a tenth of it
+                warm = min(trainer.cfg.train.warmup_steps, steps // 10)
+            st.append(Train("masked", steps=steps, optimizer="new", lr=cfg.masked_lr or None, warmup_steps=warm))
         if cfg.sweep_taus:
             st.append(Sweep("tau", points=tuple({"tau": t} for t in cfg.sweep_taus), apply=self.apply_point))
         return st
@@ -794,6 +802,9 @@ class AttentionPruning(Method):
             out.append("empty_rows=zero: fully pruned rows output 0 (the original's finite fill makes them uniform)")
         if cfg.protocol != "retrain":
             out.append(f"protocol={cfg.protocol} (spec §2.4 ablation {'b' if cfg.protocol == 'finetune' else 'c'})")
+        if cfg.protocol == "finetune" or cfg.masked_lr:
+            out.append(f"masked stage: lr {cfg.masked_lr or 'train.lr'}, warm-up "
+                       f"{'min(train.warmup_steps, steps / 10)' if cfg.protocol == 'finetune' else 'train.warmup_steps'}")
         if cfg.stats_max_sequences:
             out.append(f"stats_max_sequences={cfg.stats_max_sequences}: statistics from the first "
                        f"{cfg.stats_max_sequences} training sequences only")
@@ -818,7 +829,8 @@ class AttentionPruning(Method):
         out = {
             "ap": {k: getattr(cfg, k) for k in ("tau", "tau_enc_self", "tau_dec_self", "tau_cross", "prune", "mode",
                                                 "control", "threshold_scope", "percentile", "bounds", "tau_counts",
-                                                "count", "empty_rows", "protocol", "block_size")},
+                                                "count", "empty_rows", "protocol", "block_size", "dense_steps",
+                                                "masked_steps", "masked_lr")},
             "taus": {t: cfg.tau_for(t) for t in TYPES},
             "deviations": self.deviations(),
             "statistics": self.stats_facts,
