@@ -3,3 +3,4 @@ from methods import dense  # noqa: F401
 from methods import spion  # noqa: F401
 from methods import fixed_patterns  # noqa: F401
 from methods import attention_pruning  # noqa: F401
+from methods import dsti  # noqa: F401
