@@ -212,6 +212,13 @@ class Method:
     def extra_loss(self, trainer: "Trainer", batch: Any, model_output: Any) -> torch.Tensor | None:
         return None
 
+    def state_dict(self) -> dict:
+        """What a killed run needs to resume after a finished stage, beyond the model's weights and the payloads
+        of its Compute stages (which the Trainer saves and re-applies): e.g. SPION's layouts. Default: nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
+
     def info(self) -> dict:
         """Method-specific facts for the record (achieved density per layer, transition step, ...)."""
         return {}

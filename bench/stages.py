@@ -9,7 +9,13 @@
   holds the quality-vs-cost curve.
 
 Steps are counted globally over the run (``trainer.step``): eval cadence, logs and the step-time statistics use
-the global step; a stage's own budget is ``steps``. ``steps="rest"`` runs until the run's ``train.steps`` are used.
+the global step; a stage's own budget is ``steps``. ``steps=None`` or ``"rest"`` runs until the run's ``train.steps`` are used
+(the run's budget is ``train.steps`` if any stage says so, else the sum of the stages' steps). A training stage may
+end early: ``trainer.end_stage()`` from a hook ends it after the current step (SPION's dense stage).
+
+A stage whose ``artifact`` output is cached is skipped and its output restored; ``artifact_key`` must name whatever
+of the method's configuration changes that output (the method's name never enters the key, so methods declaring the
+same stage share it).
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Any, Callable, Iterable
 @dataclass(frozen=True)
 class Train:
     name: str = "train"
-    steps: int | str | None = None  # None: train.steps of the run; "rest": what the run's budget has left
+    steps: int | str | None = None  # None or "rest": what the run's budget has left
     lr: float | None = None  # None: train.lr
     schedule: str | None = None  # None: train.schedule
     warmup_steps: int | None = None  # None: train.warmup_steps

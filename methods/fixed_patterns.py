@@ -18,7 +18,7 @@ from bench.blocks import block_size
 from bench.errors import BenchError
 from bench.method import AttentionCore, AttentionSpec, Method, MethodContext
 from bench.registry import register_method
-from kernels import (bigbird_layout, block_sparse_attention, layout_density, local_layout, longformer_layout,
+from kernels import (bigbird_layout, block_sparse_attention, block_sparse_flops, layout_density, local_layout, longformer_layout,
                      strided_layout)
 
 
@@ -82,6 +82,14 @@ class FixedCore(AttentionCore):
         return block_sparse_attention(q, k, v, self.layout_for(nb, q.device), block_size=self.block_size,
                                       causal=self.spec.causal, key_padding_mask=key_padding_mask,
                                       softmax_mode="renorm", backend=self.backend)
+
+    def flops(self, q, k, key_padding_mask=None) -> float:  # what the kernel multiplies: whole kept blocks
+        B, H, L, D = q.shape
+        lay = self.layout_for(math.ceil(L / self.block_size), q.device).cpu()
+        return float(block_sparse_flops(lay, self.block_size, B, D, causal=self.spec.causal, lq=L, lk=L, n_heads=H))
+
+    def density(self) -> float | None:
+        return layout_density(next(reversed(self.layouts.values()))) if self.layouts else None
 
 
 def _closest(build, candidates, target: float):

@@ -31,7 +31,8 @@ from bench.blocks import block_size, lra_task_key
 from bench.errors import BenchError
 from bench.method import AttentionCore, AttentionSpec, Method, MethodContext
 from bench.registry import register_method
-from kernels import AttentionStatsAccumulator, block_sparse_attention, layout_density
+from bench.stages import Train
+from kernels import AttentionStatsAccumulator, block_sparse_attention, block_sparse_flops, layout_density
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -211,8 +212,19 @@ class SpionCore(AttentionCore):
             out = self._attend(q, k, v, key_padding_mask)
         return out.to(dtype)
 
+    def flops(self, q, k, key_padding_mask=None) -> float:  # dense until the switch, then whole kept blocks
+        if self.layout is None:
+            return super().flops(q, k, key_padding_mask)
+        B, H, L, D = q.shape
+        return float(block_sparse_flops(self.layout.cpu(), self.cfg.block_size, B, D, lq=L, lk=L, n_heads=H))
+
+    def density(self) -> float:
+        return 1.0 if self.layout is None else layout_density(self.layout)
+
     def _attend(self, q, k, v, key_padding_mask):
         if self.layout is not None:  # phase C: fixed per-layer layout, broadcast over heads
+            if self.layout.device != q.device:  # restored on the CPU by a resumed run
+                self.layout = self.layout.to(q.device)
             return block_sparse_attention(q, k, v, self.layout, block_size=self.cfg.block_size,
                                           key_padding_mask=key_padding_mask, softmax_mode=self.cfg.softmax_mode,
                                           backend=self.cfg.backend)
@@ -241,7 +253,6 @@ class _Spion(Method):
         self.delta_trace: list[dict] = []
         self.layer_facts: list[dict] = []
         self.eval_phases: list[dict] = []  # (step, phase the dev eval actually ran in, main metric)
-        self._pending_phase: str | None = None
         self.check_every = cfg.check_every
 
     @classmethod
@@ -272,8 +283,14 @@ class _Spion(Method):
         return SpionCore(spec, self.cfg)
 
     # ---- hooks -------------------------------------------------------------------------------------------
+    def stages(self, trainer) -> list:
+        """Dense until the transition criterion fires (the dense stage then ends early), sparse for the rest of the
+        budget on the same optimizer; C/CF start a fresh OneCycle of the full length at the switch (see _transition)."""
+        return [Train("dense"),
+                Train("sparse", steps="rest", optimizer="continue",
+                      lr_schedule="new" if self.restart else "continue", schedule_steps=trainer.cfg.train.steps)]
+
     def on_train_start(self, trainer) -> None:
-        trainer.phase = "dense"
         self.check_every = self.cfg.check_every or trainer.cfg.train.eval_every
         if self.cfg.note:
             trainer.note("spion config note", note=self.cfg.note)
@@ -287,8 +304,6 @@ class _Spion(Method):
         return (step + 1) % tc.eval_every == 0 or step == tc.steps - 1
 
     def before_step(self, trainer, step: int) -> None:
-        if self._pending_phase:  # flipped here so the eval at the transition step is labelled dense (it was)
-            trainer.phase, self._pending_phase = self._pending_phase, None
         if self.transition_step is not None:
             return
         k = min(max(1, self.cfg.avg_over_k_batches), self.check_every)
@@ -337,10 +352,22 @@ class _Spion(Method):
                      density_per_layer=[round(f["density"], 4) for f in self.layer_facts])
         if self.restart:
             # the original keeps its OneCycle(total = all steps) and restarts its index at 0 (warm-up
-            # included), so the anneal never finishes: a fresh schedule of the full length reproduces that
-            trainer.restart_schedule(trainer.cfg.train.steps)
+            # included), so the anneal never finishes: the sparse stage's fresh schedule of the full length does that
             trainer.note("spion LR schedule restarted", total_steps=trainer.cfg.train.steps)
-        self._pending_phase = "sparse"
+        trainer.end_stage()  # the eval at the transition step ran dense and is labelled so; sparse starts next step
+
+    def state_dict(self) -> dict:
+        return {"layouts": [None if c.layout is None else c.layout.cpu() for c in self.cores],
+                "transition": (self.transition_step, self.transition_check, self.forced),
+                "delta_trace": self.delta_trace, "layer_facts": self.layer_facts, "eval_phases": self.eval_phases,
+                "n_checks": self.criterion.n_checks}
+
+    def load_state_dict(self, state: dict) -> None:
+        for core, lay in zip(self.cores, state["layouts"]):
+            core.layout = lay
+        self.transition_step, self.transition_check, self.forced = state["transition"]
+        self.delta_trace, self.layer_facts, self.eval_phases = state["delta_trace"], state["layer_facts"], state["eval_phases"]
+        self.criterion.n_checks = state["n_checks"]
 
     # ---- record ------------------------------------------------------------------------------------------
     def info(self) -> dict:

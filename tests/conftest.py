@@ -1,6 +1,6 @@
 """Test-wide setup: Triton's CPU interpreter without a GPU, a private cache, a headless matplotlib.
 
-Tests never read ../shared and never write into results/ or the user's cache.
+Tests never read ../shared and never write into results/, the user's cache or the artifact cache.
 """
 import os
 import tempfile
@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first `import triton`
 os.environ.setdefault("MPLBACKEND", "Agg")
 os.environ.setdefault("SPARSEBENCH_CACHE", tempfile.mkdtemp(prefix="sparsebench-test-cache-"))
+os.environ.setdefault("SPARSEBENCH_ARTIFACTS", tempfile.mkdtemp(prefix="sparsebench-test-artifacts-"))
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

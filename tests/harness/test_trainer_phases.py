@@ -3,19 +3,16 @@ import torch
 
 from bench.cli import build_run_config, parse_method_spec
 from bench.registry import get_task
+from bench.stages import Train
 from bench.train import Trainer
 from methods.dense import Eager
 
 
 class TwoPhase(Eager):
-    family = "sparse"
+    family = "learned_pattern"
 
-    def on_train_start(self, trainer):
-        trainer.phase = "a"
-
-    def after_step(self, trainer, step):
-        if step == 19:
-            trainer.phase = "b"
+    def stages(self, trainer):
+        return [Train("a", steps=20), Train("b", steps=20, optimizer="continue", lr_schedule="continue")]
 
 
 def test_each_phase_best_checkpoint_is_tested(tmp_path, monkeypatch):

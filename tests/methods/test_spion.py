@@ -210,12 +210,12 @@ class _FakeTrainer:
     def note(self, event, **info):
         self.events.append({"event": event, **info})
 
-    def restart_schedule(self, total):
-        self.restarts.append(total)
+    def end_stage(self):
+        self.ended = True
 
 
 def _drive(method, trainer, maps_at_check):
-    """Run the hook sequence of bench.train.Trainer; the cores' maps come from ``maps_at_check(check)``."""
+    """Run the hook and stage sequence of bench.train.Trainer; the cores' maps come from ``maps_at_check(check)``."""
     checks = {"n": 0}
 
     def take_map_factory(layer):
@@ -225,10 +225,17 @@ def _drive(method, trainer, maps_at_check):
 
     for core in method.cores:
         core.take_map = take_map_factory(core.spec.layer)
+    dense, sparse = method.stages(trainer)
+    assert (dense.name, sparse.name, sparse.steps, sparse.optimizer) == ("dense", "sparse", "rest", "continue")
     method.on_train_start(trainer)
+    trainer.phase, trainer.ended = "dense", False
     phases = []
     tc = trainer.cfg.train
     for step in range(tc.steps):
+        if trainer.ended and trainer.phase == "dense":  # the Trainer starts the next stage
+            trainer.phase = "sparse"
+            if sparse.lr_schedule == "new":
+                trainer.restarts.append(sparse.schedule_steps)
         method.before_step(trainer, step)
         phases.append(trainer.phase)
         if (step + 1) % method.check_every == 0:
