@@ -402,6 +402,7 @@ class Trainer:
                                                                "git": envmod.git_state().get("commit")})
             self.artifacts_used.append({"stage": stage.name, "kind": stage.artifact, "key": key, "reused": False})
         self._lineage.append({**self._identity(stage), "steps_run": entry["steps_run"]})
+        entry["cost"] = self._cost()  # the forward as this stage left it (e.g. dense before a switch, sparse after)
         return entry
 
     def _schedule_length(self, index: int, stages: list, start: int, steps: int) -> int:
@@ -470,6 +471,7 @@ class Trainer:
         entry["reused"] = reused
         if stage.apply is not None:
             stage.apply(self, payload)
+            entry["cost"] = self._cost()
         self.model.train()
         self._computed.append((index, payload))
         self._lineage.append(self._identity(stage))

@@ -70,6 +70,7 @@ def test_frozen_parameters_do_not_change_and_are_not_optimised(tmp_path):
     s0, s1 = rec.stages
     assert (s0["name"], s0["steps_run"], s1["name"], s1["steps_run"]) == ("backbone_frozen", 6, "all", 6)
     assert s0["trainable_params"] < s1["trainable_params"] == s1["params"]
+    assert s0["cost"]["flops_per_token"] > 0 and rec.cost["flops_per_token"] == s1["cost"]["flops_per_token"]
     assert m.steps_seen == {"backbone_frozen": 6, "all": 6} and rec.budget["steps_run"] == 12
     assert all(p.requires_grad for p in trainer.model.parameters())  # the last stage trained everything
     json.dumps(rec.to_dict() if hasattr(rec, "to_dict") else rec.__dict__, default=str)
