@@ -490,6 +490,7 @@ class APCore(AttentionCore):
         self.collector: StatsCollector | None = None
         self._cache: dict = {}
         self.calls = 0  # masked forwards (tests: every core that should be masked is)
+        self.train_calls = 0  # masked forwards in training mode
 
     # -- masks
     def set_mask(self, keep: torch.Tensor | None) -> None:
@@ -547,6 +548,7 @@ class APCore(AttentionCore):
         if self.keep is None:
             return masked_sdpa(q, k, v, key_padding_mask, self.spec.causal)  # the dense baseline's SDPA path
         self.calls += 1
+        self.train_calls += int(self.training)
         r0 = self._row_offset(Lq, Lk)
         kpm = key_padding_mask if has_padding(key_padding_mask) else None
         if self.cfg.mode == "block_sparse" and Lq > 1:

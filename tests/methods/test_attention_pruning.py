@@ -387,3 +387,92 @@ def test_default_config_block_size_follows_length():
     assert AP.AttentionPruning.default_config(MethodContext("wikitext2", "lm", "small", None, lm)).block_size == 64
     glue = types.SimpleNamespace(max_len=128)
     assert AP.AttentionPruning.default_config(MethodContext("glue_rte", "glue", "small", None, glue)).block_size == 16
+
+
+# ---- 6. the staged protocol through the Trainer (tiny, CPU) ---------------------------------------------------
+from pathlib import Path  # noqa: E402
+
+MT_FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "mt"
+MT_OV = ["train.steps=6", "train.eval_every=100", "train.batch_size=16", "data.max_train_examples=64",
+         "data.max_eval_examples=8", "data.dev_decode_max=8", "train.throughput_batches=1", "train.timing_warmup_steps=0"]
+
+
+def _mt_cfg(spec_text):
+    from bench.cli import build_run_config, parse_method_spec
+
+    spec = parse_method_spec(spec_text)
+    return spec, build_run_config("mt_multi30k", spec, "tiny", 0, "cpu", MT_OV)
+
+
+def _trainer_runs_stages() -> bool:
+    import inspect
+
+    from bench.train import Trainer
+
+    return "artifacts" in inspect.signature(Trainer.__init__).parameters
+
+
+needs_stages = pytest.mark.skipif(not _trainer_runs_stages(), reason="bench.train.Trainer does not run stages yet")
+
+
+class _Spy(AP.AttentionPruning):
+    """Records, per core, the masked forwards seen during the masked training stage."""
+
+    def on_stage_start(self, trainer, stage):
+        super().on_stage_start(trainer, stage)
+        if stage.name == "masked":
+            self._c0 = [c.train_calls for c in self.cores]
+
+    def on_stage_end(self, trainer, stage):
+        super().on_stage_end(trainer, stage)
+        if stage.name == "masked":
+            self.masked_calls = [c.train_calls - a for c, a in zip(self.cores, self._c0)]
+
+
+@needs_stages
+@pytest.mark.parametrize("prune", ["all", "enc_self+cross"])
+def test_masked_stage_uses_the_mask_in_every_layer_and_type(tmp_path, monkeypatch, prune):
+    from bench.artifacts import ArtifactStore
+    from bench.registry import get_task
+    from bench.train import Trainer
+
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    spec, cfg = _mt_cfg(f"attention_pruning:dense_steps=3,masked_steps=3,tau=0.5,prune={prune}")
+    task = get_task("mt_multi30k")(cfg, MT_FIXTURE)
+    method = _Spy(cfg.method_cfg, task)
+    store = ArtifactStore(tmp_path / "art", log=lambda s: None)
+    Trainer(cfg, task, method, torch.device("cpu"), progress=False, log=lambda s: None, artifacts=store).run()
+    types_seen = {c.type for c in method.cores}
+    assert types_seen == {"enc_self", "dec_self", "cross"}
+    wanted = set(AP.APConfig(prune=prune).pruned_types)
+    for core, n in zip(method.cores, method.masked_calls):
+        if core.type in wanted:  # 3 steps: every pruned layer ran masked in every training forward
+            assert core.keep is not None and n == 3, (core.type, core.spec.layer, n)
+        else:
+            assert core.keep is None and n == 0, (core.type, core.spec.layer, n)
+
+
+@needs_stages
+def test_staged_tiny_run_reuses_the_dense_artifact(tmp_path, monkeypatch):
+    from bench.cli import run_one
+
+    monkeypatch.setenv("SPARSEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("SPARSEBENCH_ARTIFACTS", str(tmp_path / "artifacts"))
+    recs = []
+    for text in ("attention_pruning:dense_steps=3,masked_steps=3,tau=0.5",
+                 "attention_pruning:dense_steps=3,masked_steps=3,tau=0.8,sweep=0.2"):
+        spec, cfg = _mt_cfg(text)
+        recs.append(run_one("mt_multi30k", spec, 0, cfg, torch.device("cpu"), MT_FIXTURE, "tiny", False).to_dict()
+)
+    first, second = recs
+    used = lambda r: {a["kind"]: a for a in r["artifacts"]}  # noqa: E731
+    assert not used(first)["dense_checkpoint"]["reused"] and not used(first)["attention_stats"]["reused"]
+    assert used(second)["dense_checkpoint"]["reused"] and used(second)["attention_stats"]["reused"]
+    assert used(first)["dense_checkpoint"]["key"] == used(second)["dense_checkpoint"]["key"]
+    st = {s["name"]: s for s in second["stages"]}
+    assert st["dense"].get("reused_from") and st["attention_stats"]["reused"]
+    ck = [r["method_info"]["statistics"]["dense_checkpoint_sha256_16"] for r in recs]
+    assert ck[0] == ck[1]
+    s1, s2 = (r["method_info"]["summary"]["grid_pruned_fraction"] for r in recs)
+    assert s1 < s2  # tau 0.5 vs 0.8 from the same statistics
+    assert len(second["operating_points"]) == 1
