@@ -43,6 +43,7 @@ convention (``4 d n_e + n_e`` per executed pair, ``d`` per token for b2) plus th
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -90,6 +91,7 @@ class DSTIConfig:
     kmeans_n_init: int = 10  # KMeansConstrained defaults (n_init 10, max_iter 300), random_state = split_seed
     kmeans_max_iter: int = 300
     split_seed: int = 0
+    split_workers: int = 0  # processes for the per-layer clustering (0 = one per layer, up to the CPU count)
     router_width: int = 128  # w (spec §2.5)
     router_bias: bool = True  # True: the package (by DSTI's first author); False: the research code's default
     router_target: str = "auto"  # auto (profile) | intermediate_l1 (DSTI) | output_l2 (D2DMoE)
@@ -246,6 +248,11 @@ def expert_perm(W1: torch.Tensor, n_experts: int, split: str = "kmeans", seed: i
                                max_iter=max_iter)
         labels = np.asarray(km.fit_predict(X), dtype=np.int64)
     return perm_from_labels(labels, n_experts)
+
+
+def _perm_job(job) -> torch.Tensor:
+    W1, E, split, seed, n_init, max_iter = job
+    return expert_perm(torch.from_numpy(W1), E, split, seed, n_init, max_iter)
 
 
 def perm_from_labels(labels: np.ndarray, n_experts: int) -> torch.Tensor:
@@ -687,9 +694,21 @@ class DSTI(Method):
                 "zero_fraction": zf, "zero_fraction_valid": zv, "step": trainer.step}
 
     def _split(self, trainer) -> dict:
+        """One clustering per layer, in parallel processes (each single-threaded: the result does not depend on
+        the number of workers)."""
         t0 = time.perf_counter()
-        perms = [expert_perm(m.fc1.weight, m.n_experts, self.cfg.split, self.cfg.split_seed, self.cfg.kmeans_n_init,
-                             self.cfg.kmeans_max_iter) for m in self.moe]
+        cfg = self.cfg
+        jobs = [(m.fc1.weight.detach().float().cpu().numpy(), m.n_experts, cfg.split, cfg.split_seed,
+                 cfg.kmeans_n_init, cfg.kmeans_max_iter) for m in self.moe]
+        workers = min(len(jobs), os.cpu_count() or 1, cfg.split_workers or len(jobs))
+        if cfg.split == "kmeans" and workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                perms = list(pool.map(_perm_job, jobs))
+        else:
+            perms = [_perm_job(j) for j in jobs]
         return {"perms": perms, "split": self.cfg.split, "n_experts": [m.n_experts for m in self.moe],
                 "seconds": time.perf_counter() - t0}
 
@@ -855,5 +874,88 @@ def cost_facts(layers: list[dict], n_experts: list[int], rest_flops: float, spli
     }
 
 
-def _report_section(runs, ctx):  # filled in once the Trainer records operating points
-    return [], []
+# ---- report section (``Method.report_section``): imports bench.report (pandas, matplotlib) only when called -----
+_SECTION_INTRO = (
+    "Per run: the test metric of the ReLU-dense model (after the GELU->ReLU swap and a task fine-tune, the named "
+    "deviation `relu=swap`) and of the sparsity fine-tuned dense model (the record's test: all experts), the fraction "
+    "of exactly-zero FFN activations after each (dev, padding included, mean over layers), and the router quality "
+    "(Spearman of predicted vs true expert contributions, mean over layers). Operating points: the rule (dyn_cum: "
+    "coverage tau of the predicted mass; dyn_max: r >= (1 - tau) max r; topk: MoEfication's static k), the executed "
+    "expert fraction (padding counted, as the reference; valid tokens beside), FFN FLOPs (routers included) and "
+    "whole-model FLOPs relative to the dense model (spec section 2.7), and the test metric. Plot against measured "
+    "relative FLOPs, never tau (spec pitfall 2).\n")
+
+
+def _load_points(path) -> list[dict]:
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f).get("operating_points") or []
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def _mean(xs):
+    xs = [x for x in (xs or []) if isinstance(x, (int, float)) and math.isfinite(x)]
+    return float(np.mean(xs)) if xs else None
+
+
+def _report_section(s, ctx) -> tuple[list[str], list]:
+    import pandas as pd
+    from matplotlib.figure import Figure
+
+    from bench import report as R
+
+    mine = s.method.isin(ctx.methods)
+    if not mine.any():
+        return [], []
+    md, written = ["### DSTI (dynamic-k MoE FFNs)\n", _SECTION_INTRO], []
+    for task, t in s[s.task.isin(s[mine].task)].groupby("task", sort=True):
+        main, hib = R._task_metric(t)
+        md.append(f"#### {task}\n")
+        rows, pts, curves = [], [], {}
+        for r in t[mine.reindex(t.index, fill_value=False)].itertuples():
+            info = r.info or {}
+            relu, sp, rq = info.get("relu_dense") or {}, info.get("sparse_dense") or {}, info.get("router_quality") or {}
+            rows.append({"run": r.label, "seed": r.seed, "pipeline": info.get("pipeline", R.NA),
+                         "E x n_e": f"{(info.get('n_experts') or ['?'])[0]} x {(info.get('expert_size') or ['?'])[0]}",
+                         f"ReLU-dense test {main}": R.fmt_num((relu.get("test") or {}).get(main), R.NA),
+                         f"sparse-dense test {main}": R.fmt_num((r.metrics or {}).get(main), R.NA),
+                         "zeros ReLU-dense": R.fmt_num(_mean(relu.get("zero_fraction")), R.NA),
+                         "zeros after sparsity": R.fmt_num(_mean(sp.get("zero_fraction")), R.NA),
+                         "router Spearman": R.fmt_num(_mean(rq.get("spearman")), R.NA)})
+            for p in _load_points(r.path):
+                pt, facts, m = p.get("point") or {}, p.get("facts") or {}, p.get("metrics") or {}
+                rule = pt.get("rule", "?")
+                thr = pt.get("k", pt.get("tau"))
+                val = m.get(f"test_{main}", m.get(main))
+                pts.append({"run": r.label, "seed": r.seed, "rule": rule, "tau / k": R.fmt_num(thr),
+                            "executed": R.fmt_num(facts.get("executed_fraction")),
+                            "executed (valid)": R.fmt_num(facts.get("executed_fraction_valid"), R.NA),
+                            "rel. FFN FLOPs": R.fmt_num(facts.get("relative_ffn_flops")),
+                            "rel. FLOPs": R.fmt_num(facts.get("relative_flops")),
+                            f"test {main}": R.fmt_num(val)})
+                if facts.get("relative_flops") is not None and val is not None:
+                    curves.setdefault((r.label, r.seed, rule), []).append((facts["relative_flops"], val))
+        md.append(R.md_table(pd.DataFrame(rows)))
+        if pts:
+            md.append(R.md_table(pd.DataFrame(pts)))
+        if curves:
+            fig = Figure(figsize=(5.5, 3.6), layout="constrained")
+            ax = fig.subplots()
+            for (label, seed, rule), xy in sorted(curves.items()):
+                xy = sorted(xy)
+                ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", ms=3, label=f"{label} s{seed} {rule}")
+            for r in t[t.dense].itertuples():
+                v = (r.metrics or {}).get(main)
+                if v is not None:
+                    ax.scatter([1.0], [v], marker="*", s=60, label=f"{r.label} s{r.seed}")
+            ax.set_xlabel("relative FLOPs (whole model, dense = 1)")
+            ax.set_ylabel(f"test {main}")
+            ax.set_title(f"{task}: DSTI operating points", fontsize=9)
+            ax.legend(fontsize=6)
+            figs = ctx.save(fig, task, "dsti_quality_vs_flops")
+            written += figs
+            md.append(R.figure_links(figs))
+    return md, written

@@ -310,6 +310,16 @@ def test_tiny_staged_run(tmp_path, monkeypatch):
     rec2, _ = staged_run(tmp_path, monkeypatch)
     assert all(a["reused"] for a in rec2["artifacts"])
     assert [o["metrics"] for o in rec2["operating_points"]] == [o["metrics"] for o in ops]
+    # the report section renders the run's curve
+    from bench.records import record_filename, write_record
+    from bench.report import render_reports
+
+    res = tmp_path / "results" / "glue"
+    res.mkdir(parents=True)
+    write_record(rec, res / record_filename(rec["task"], rec["method"], rec["scale"], rec["seed"], rec["config_hash"]))
+    render_reports(tmp_path / "results", tmp_path / "reports")
+    text = (tmp_path / "reports" / "glue.md").read_text()
+    assert "### DSTI" in text and "dyn_max" in text and "dsti_quality_vs_flops" in text
 
 
 def test_tiny_moefication_run(tmp_path, monkeypatch):
