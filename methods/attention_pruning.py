@@ -890,6 +890,21 @@ def _install_query_mask_hook(model, shared: _Shared):
 
 
 # ---- report section ----------------------------------------------------------------------------------------
+def _record(r) -> dict:
+    """The run's record (the frame has no column for operating points or cost: read the file)."""
+    import json
+
+    try:
+        with open(r.path) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def _operating_points(r) -> list:
+    return [p for p in (_record(r).get("operating_points") or []) if isinstance(p, dict)]
+
+
 def _family_of(suite: str) -> str | None:
     return {"lm": "lm", "mt": "mt", "glue": "glue"}.get(suite)
 
@@ -901,23 +916,28 @@ def _ap_row(r, dense_ms: float, main: str) -> dict:
     ap, summ = info.get("ap") or {}, info.get("summary") or {}
     bs = str(ap.get("block_size", ""))
     bd = (summ.get("block_density") or {}).get(bs)
-    saved_attn = None
-    if ap.get("mode") == "block_sparse" and bd is not None:
-        saved_attn = 1.0 - bd
-    elif ap.get("mode") == "dense_masked":
-        saved_attn = 0.0
-    ratio = None if R.is_missing(dense_ms) or R.is_missing(r.step_ms) else r.step_ms / dense_ms
+    # attention FLOPs the final model computes (the record's forward cost at real batch lengths) vs dense; negative
+    # when partial blocks of short sequences are computed whole
+    dens = (_record(r).get("cost") or {}).get("attention_density_by_layer") or []
+    saved_attn = 1.0 - float(np.mean(dens)) if dens else None
+    masked_ms = (r.by_phase or {}).get("masked")
+    ratio = None if R.is_missing(dense_ms) or R.is_missing(masked_ms) else masked_ms / dense_ms
     taus = info.get("taus") or {}
+    present = list((summ.get("by_type") or {}).keys())
+    by_type = summ.get("by_type") or {}
     return {
         "method": r.label, "seed": str(r.seed),
-        "tau (enc/dec/cross)": "/".join("–" if taus.get(t) is None else f"{taus[t]:g}" for t in TYPES),
+        "tau": ", ".join(f"{t} {taus[t]:g}" for t in TYPES if t in present and taus.get(t) is not None) or R.NA,
         "control": ap.get("control", R.NA), "protocol": ap.get("protocol", R.NA), "mode": ap.get("mode", R.NA),
         main: R.fmt_num(r.metrics.get(main)),
+        f"{main} (dense stage ckpt + mask)": R.fmt_num(r.metrics.get(f"{main}_best_dense"), R.NA),
         "pruned (grid)": R.fmt_num(summ.get("grid_pruned_fraction")),
-        "pruned (valid, observed)": R.fmt_num(summ.get("valid_pruned_fraction_observed")),
+        "pruned (valid, observed)": ", ".join(f"{t} {R.fmt_num(v.get('valid_pruned_fraction_observed'))}"
+                                              for t, v in by_type.items()) or R.NA,
         f"block density (B={bs})": R.fmt_num(bd),
         "attention FLOPs saved": R.fmt_num(saved_attn, R.NA),
-        "step ms": R.fmt_num(r.step_ms), "step / fastest dense": R.fmt_ratio_or_na(ratio),
+        "dense-stage ms": R.fmt_num((r.by_phase or {}).get("dense"), R.NA),
+        "masked-stage ms": R.fmt_num(masked_ms, R.NA), "masked / fastest dense": R.fmt_ratio_or_na(ratio),
         "wall-clock saved": R.NA if ratio is None else f"{100 * (1 - ratio):.1f} %",
         "peak MiB": R.fmt_num(r.mem_mib),
     }
@@ -1012,12 +1032,11 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
         md.append(R.md_table(pd.DataFrame(rows)))
         pts = []
         for r in t[ours].itertuples():
-            for p in r.info.get("operating_points") or []:
-                if isinstance(p, dict):
-                    m = p.get("metrics") or {}
-                    pts.append({"run": r.label, "eval-only tau": R.fmt_num(p.get("tau")),
-                                "pruned (valid, observed)": R.fmt_num(p.get("valid_pruned_fraction_observed")),
-                                f"test {main}": R.fmt_num(m.get(f"test_{main}", m.get(main)))})
+            for p in _operating_points(r):
+                f, m = p.get("facts") or {}, p.get("metrics") or {}
+                pts.append({"run": r.label, "eval-only tau": R.fmt_num(f.get("tau")),
+                            "pruned (valid, observed)": R.fmt_num(f.get("valid_pruned_fraction_observed")),
+                            f"dev {main}": R.fmt_num(m.get(f"dev_{main}")), f"test {main}": R.fmt_num(m.get(f"test_{main}"))})
         if pts:
             md.append("Eval-only operating points (final weights, masks of another tau):\n")
             md.append(R.md_table(pd.DataFrame(pts)))
