@@ -12,8 +12,8 @@ common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progres
 minilm=model.pretrained=.gpu/all-MiniLM-L6-v2-fp16
 AP=attention_pruning
 # reduced budgets (overridable from the environment); every override is in the records' configs
-LM_STEPS=${LM_STEPS:-500}; LM_MASKED=${LM_MASKED:-150}
-MT_STEPS=${MT_STEPS:-600}; MT_MASKED=${MT_MASKED:-150}
+LM_STEPS=${LM_STEPS:-400}; LM_MASKED=${LM_MASKED:-100}
+MT_STEPS=${MT_STEPS:-500}; MT_MASKED=${MT_MASKED:-150}; GLUE_TASKS=${GLUE_TASKS:-rte mrpc}
 FT=protocol=finetune  # spec §2.4 ablation (b): fine-tune the dense checkpoint with the mask (budget: no retraining)
 
 step() {
@@ -30,9 +30,9 @@ step() {
     mt)      # Multi30k: all three types at tau 0.5 (eval-only 0.2/0.8), then each type alone; greedy test decoding
              o=(train.steps=$MT_STEPS data.beam_size=1); m="$AP:$FT,masked_steps=$MT_MASKED,masked_lr=3e-4"
              python3 run_all.py --suite mt --tasks multi30k "${common[@]}" "${o[@]}" --methods dense:backend=flash \
-               "$m,tau=0.5,sweep=0.2/0.8" "$m,tau=0.5,prune=enc_self" "$m,tau=0.5,prune=dec_self" "$m,tau=0.5,prune=cross" ;;
+               "$m,tau=0.5,sweep=0.2/0.8" "$m,tau=0.5,prune=cross" "$m,tau=0.5,prune=enc_self" "$m,tau=0.5,prune=dec_self" ;;
     glue)    # GLUE RTE, MRPC: re-fine-tune MiniLM with the mask (protocol=retrain), full small budget
-             python3 run_all.py --suite glue --tasks rte mrpc "${common[@]}" "$minilm" --methods dense:backend=flash \
+             python3 run_all.py --suite glue --tasks $GLUE_TASKS "${common[@]}" "$minilm" --methods dense:backend=flash \
                "$AP:tau=0.5,sweep=0.2/0.8" "$AP:tau=0.5,control=random" ;;
     glue_more)
              python3 run_all.py --suite glue --tasks stsb cola "${common[@]}" "$minilm" --methods dense:backend=flash \
@@ -44,7 +44,7 @@ step() {
 for arg in "$@"; do  # step or step:seconds
   s=${arg%%:*}; lim=${arg#*:}; [ "$lim" = "$arg" ] && lim=$limit
   echo "=== $s $(date +%T)"
-  timeout -k 10 "$lim" bash -c "$(declare -p common minilm res AP LM_STEPS LM_MASKED MT_STEPS MT_MASKED FT); $(declare -f step); step $s" 2>&1 | tee -a "$out/log.txt"
+  timeout -k 10 "$lim" bash -c "$(declare -p common minilm res AP LM_STEPS LM_MASKED MT_STEPS MT_MASKED FT GLUE_TASKS); $(declare -f step); step $s" 2>&1 | tee -a "$out/log.txt"
   echo "=== $s exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$out/log.txt"
   tar czf "$out/records.tgz.tmp" -C "$res" . && mv "$out/records.tgz.tmp" "$out/records.tgz"
 done
