@@ -1,8 +1,25 @@
 #!/usr/bin/env python
-"""sparsebench entry point: ``python run_all.py --help`` explains everything."""
+"""sparsebench entry point: ``python run_all.py --help`` explains everything.
+
+CPU threads: one intra-op thread per core this process may use (``sched_getaffinity``), unless ``OMP_NUM_THREADS``
+says otherwise; more threads than cores make every CPU step many times slower when other processes are running.
+"""
+import os
 import sys
 
-from bench.cli import main
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
 
 if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", str(_cores()))  # before torch loads (OpenMP reads it once)
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]) if os.environ["OMP_NUM_THREADS"].isdigit() else _cores())
+    from bench.cli import main
+
     sys.exit(main())

@@ -1,16 +1,25 @@
-"""Command line of ``run_all.py``: build the run matrix, run it (resumably), render reports.
+"""Command line of ``run_all.py``: plan the run matrix, run it (resumably), print a comparison, render reports.
 
 Examples
-  python run_all.py --suite lra --tasks listops                 # tiny on CPU, small on a GPU
+  python run_all.py                                             # quick tour: ListOps + Pathfinder, 4 methods, tiny
+  python run_all.py --suite lra                                 # the LRA suite (tiny on CPU, small on a GPU)
+  python run_all.py --suite lra --tasks listops                 # one task
   python run_all.py --suite lra --methods dense:backend=flash flex --seeds 0 1 2 --scale small
   python run_all.py --suite lra --dry-run                       # print the run matrix only
   python run_all.py --suite lra --resume                        # skip runs whose record exists and matches
-  python run_all.py --report                                    # render reports/ from results/ only
+  python run_all.py --report --out runs                         # tables and figures of your runs -> runs/reports/
+  python run_all.py --suite lra --out results                   # publish: records into the committed results/
+  python run_all.py --report                                    # re-render the committed reports/ from results/
   python run_all.py --suite lra train.lr=3e-4 model.n_layers=4  # overrides: section.field=value
   python run_all.py --suite lra --tasks text --methods spion_cf local:density=0.026   # fixed pattern at SPION's density
   python run_all.py --suite kernels sweep.lengths=4096 sweep.head_dims=64           # kernel sweep (GPU), one shape
   python run_all.py --suite kernels sweep.lengths= sweep.record_layouts=results/lra/<spion run>.json
                                                    # SPION's learned layouts vs equal-density patterns
+
+Where things go
+  Records go to --out (default runs/, which git ignores); the committed results/ and reports/ change only when you
+  name them (--out results; --report, or --reports-dir). A sweep ends with a comparison table of its runs and the
+  command that renders their tables and figures; with --reports-dir it renders the suites it ran there.
 
 Records and concurrent sweeps
   A sweep checks --out (and --reports-dir) is a writable directory and every run's config before any work.
@@ -33,6 +42,11 @@ from pathlib import Path
 from bench.errors import BenchError, DataUnavailable
 
 DEFAULT_METHODS = ("dense", "flex")
+DEFAULT_OUT = Path("runs")  # a user's own runs: git-ignored
+PUBLISHED_OUT, PUBLISHED_REPORTS = Path("results"), Path("reports")  # the committed records and their reports
+# ``python run_all.py`` with no --suite/--tasks: a few runs that show what the suite is for, in minutes on a CPU
+TOUR = {"suite": "lra", "tasks": ["listops", "pathfinder"], "methods": ["dense", "local", "spion_cf"]}
+TOUR_OVERRIDES = {"lra_listops": ["train.steps=120", "train.eval_every=60"]}  # tiny ListOps is 300 steps
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("Examples", 1)[1].join(["Examples", ""]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--suite", help="task family: lra, lm, glue, mt, summarization, kernels, all")
+    p.add_argument("--suite", help="task family: lra, lm, glue, mt, summarization, kernels, all (without --suite "
+                   "and --tasks: the quick tour, ListOps and Pathfinder with three methods)")
     p.add_argument("--tasks", nargs="+", help="task names (short names like 'listops' resolve within --suite)")
     p.add_argument("--methods", nargs="+", help="method names, optionally with config overrides: "
                    "'dense:backend=flash'. Default: dense and flex plus every sparse method made for the suite")
@@ -68,16 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--data-dir", type=Path, help="offline data root holding e.g. lra_listops/, wikitext2/, glue/")
-    p.add_argument("--out", type=Path, default=Path("results"), help="where records go (default: results/); "
-                   "several sweeps may share one --out (see below)")
-    p.add_argument("--reports-dir", type=Path, default=Path("reports"), help="where reports go (default: reports/)")
+    p.add_argument("--out", type=Path, help=f"where records go (default: {DEFAULT_OUT}/, git-ignored; with --report: "
+                   f"{PUBLISHED_OUT}/); '--out {PUBLISHED_OUT}' publishes into the committed records. Several sweeps may "
+                   "share one --out (see below)")
+    p.add_argument("--reports-dir", type=Path, help=f"where reports go. A sweep renders the suites it ran only when "
+                   f"this is given; --report defaults to {PUBLISHED_REPORTS}/ for --out {PUBLISHED_OUT}, else <out>/reports/")
+    p.add_argument("--artifacts", type=Path, metavar="DIR", help="cache of stage outputs, e.g. a dense checkpoint "
+                   "shared by methods; delete to retrain (sets $SPARSEBENCH_ARTIFACTS; default "
+                   "~/.cache/sparsebench/artifacts)")
     p.add_argument("--resume", action="store_true", help="skip runs whose record already exists, is valid and is "
                    "the run its file name says (task, method, scale, seed, config hash); without it a finished run "
                    "is redone and its old record moved aside")
-    p.add_argument("--dry-run", action="store_true", help="print the run matrix and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the runs this command would do (the same plan, "
+                   "skips included) and exit")
     p.add_argument("--report", action="store_true", help="only render reports from the records in --out (an error "
-                   "if it holds none); run nothing")
-    p.add_argument("--no-report", action="store_true", help="do not render reports after the sweep")
+                   "if it holds none); run nothing. With --suite: that suite's report only")
+    p.add_argument("--no-report", action="store_true", help="do not render reports after the sweep, even with "
+                   "--reports-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a TTY)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides: train.lr=3e-4, model.n_layers=4, data.n_train=1000, method.x=... "
@@ -150,6 +172,12 @@ def build_run_config(task_name: str, spec: MethodSpec, scale: str, seed: int, de
         head = key.split(".", 1)[0]
         if head == "sweep":  # kernel-sweep grid only
             continue
+        if head in registry.TASKS:  # e.g. lra_listops.train.steps=120 only for that task
+            if head == task_name:
+                o = o.split(".", 1)[1]
+                key, head = o.split("=", 1)[0], o.split(".", 1)[0]
+            else:
+                continue
         if head in registry.METHODS:  # e.g. spion_cf.quantile=0.97 only for that method
             if head == spec.name:
                 mine.append("method." + o.split(".", 1)[1])
@@ -272,19 +300,116 @@ def _other_hardware_note(path: Path, device) -> str:
             f"to replace it, or use another --out")
 
 
+def _is_published(path: Path, published: Path) -> bool:
+    try:
+        return Path(path).resolve() == published.resolve()
+    except OSError:
+        return False
+
+
+def _report_dirs(args) -> tuple[Path, Path]:
+    """``--report``: (records, reports). Without --out: the committed results/ -> reports/; any other --out renders
+    into <out>/reports/ unless --reports-dir says otherwise (a user's runs never land in the committed reports/)."""
+    out = args.out if args.out is not None else PUBLISHED_OUT
+    if args.reports_dir is not None:
+        return out, args.reports_dir
+    return out, PUBLISHED_REPORTS if _is_published(out, PUBLISHED_OUT) else out / "reports"
+
+
 def _main(args) -> int:
+    if args.artifacts is not None:
+        _set_artifacts_dir(args.artifacts)
+    if args.report:
+        out, reports = _report_dirs(args)
+        _check_has_records(out)
+        _check_writable_dir(reports, "--reports-dir")
+        suites = None
+        if args.suite and args.suite != "all":
+            from bench import registry
+
+            registry.load_all()
+            registry.suite_tasks(args.suite)  # unknown suite: one line
+            suites = {args.suite}
+        return render(out, reports, suites)
+    if args.out is None:
+        args.out = DEFAULT_OUT
+    if args.reports_dir is not None and not args.no_report:
+        _check_writable_dir(args.reports_dir, "--reports-dir")
+    plan = plan_runs(args)
+    for line in plan.messages:
+        print(line)
+    if args.dry_run:
+        print(f"{len(plan.runs)} runs at scale {plan.scale} on {plan.device}:")
+        for r in plan.runs:
+            state, why = r.state()
+            note = f"  (the file there is {state}: {why}; it would be moved aside)" if why else ""
+            print(f"  [{'done' if state == 'done' else 'todo'}] {r.task:<22} {r.method.label:<28} seed {r.seed}  "
+                  f"-> {r.path}{note}")
+        return 0
+    return _sweep(args, plan)
+
+
+def _set_artifacts_dir(path: Path) -> None:
+    import os
+
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"--artifacts {path} is an existing file, not a directory; pass a directory")
+    os.environ["SPARSEBENCH_ARTIFACTS"] = str(path.resolve())
+
+
+@dataclass
+class PlannedRun:
+    task: str
+    method: MethodSpec
+    seed: int
+    cfg: object  # RunConfig, or None for a measurement-only task (kernel sweep)
+    path: Path
+    expected: dict
+
+    def state(self) -> tuple[str, str]:
+        from bench.records import record_state
+
+        return record_state(self.path, self.expected)
+
+
+@dataclass
+class Plan:
+    scale: str
+    device: object
+    explicit: bool  # tasks named on the command line (missing data stops the run instead of skipping the task)
+    runs: list
+    skipped: list  # (task or "method <name>", reason)
+    messages: list  # lines to print before running (skips, the tour's note)
+    tour: bool = False
+
+    @property
+    def suites(self) -> set[str]:
+        return {r.path.parent.name for r in self.runs}
+
+
+def plan_runs(args) -> Plan:
+    """The runs a command will do, in order, with everything skipped and why: one function for ``--dry-run`` and
+    the sweep, so the dry run lists exactly what the sweep runs. Every run's settings are checked here (one-line
+    ``BenchError``), before any work."""
     from bench import registry
     from bench.records import record_filename
 
-    if args.report:
-        _check_has_records(args.out)
-        _check_writable_dir(args.reports_dir, "--reports-dir")
-        return render(args.out, args.reports_dir)
+    messages: list[str] = []
+    tour = not args.suite and not args.tasks
+    if tour:
+        args.suite, args.tasks = TOUR["suite"], list(TOUR["tasks"])
+        args.methods = args.methods or list(TOUR["methods"])
+        args.overrides = [f"{t}.{o}" for t, os_ in TOUR_OVERRIDES.items() for o in os_] + list(args.overrides)
     if args.data_dir is not None and not args.data_dir.is_dir():
         raise BenchError(f"--data-dir {args.data_dir} does not exist or is not a directory")
     device = resolve_device(args.device)
     scale = args.scale if args.scale != "auto" else ("small" if device.type == "cuda" else "tiny")
     tasks, explicit = resolve_tasks(args.suite, args.tasks)
+    if tour:
+        messages.append(f"quick tour ({scale} scale): {', '.join(tasks)} x {', '.join(args.methods)}, seed "
+                        f"{' '.join(map(str, args.seeds))}. The full LRA suite: python run_all.py --suite lra "
+                        "(every suite: --suite all; options: --help)")
     # without --methods each task gets the dense baselines plus the methods made for its own suite
     # (kernel sweeps and other non-training tasks take no methods, so they add none)
     suites_used = sorted({registry.get_task(t).suite or "" for t in tasks
@@ -294,22 +419,22 @@ def _main(args) -> int:
     for m in methods:
         registry.get_method(m.name)
     check_overrides(args.overrides, methods)
+    skipped = []
     unusable = {m.name: registry.get_method(m.name).unavailable_reason(device) for m in methods}
     for name, reason in unusable.items():
         if reason:
-            if args.methods and not args.dry_run:
+            if args.methods and not tour:  # named on the command line: stop, in dry runs too
                 raise BenchError(f"method {name}: {reason}")
-            print(f"skip method {name}: {reason}")
-    if not args.dry_run:
-        methods = [m for m in methods if not unusable[m.name]]
+            skipped.append((f"method {name}", reason))
+    methods = [m for m in methods if not unusable.get(m.name)]
 
-    plan, skipped = [], []
+    runs = []
     for t in tasks:
         task_cls = registry.get_task(t)
         if getattr(task_cls, "KIND", "run") == "run":
             reason = task_cls.data_available(args.data_dir, scale)
             if reason:
-                if explicit:
+                if explicit and not tour:
                     raise BenchError(f"{t}: {reason}")
                 skipped.append((t, reason))
                 continue
@@ -325,6 +450,7 @@ def _main(args) -> int:
                 cfg = checked_run_config(t, m, scale, seed, device, args.overrides) if m.name != t else None
                 suite = task_cls.suite or "misc"
                 if cfg is not None:
+                    check_method_device(cfg, m, device)
                     problem = problem or getattr(task_cls, "data_dir_problem", lambda d, c: None)(args.data_dir, cfg)
                     path = args.out / suite / record_filename(t, m.name, scale, seed, cfg.hash)
                     expected = {"task": t, "method": m.name, "scale": scale, "seed": seed, "config_hash": cfg.hash}
@@ -334,27 +460,69 @@ def _main(args) -> int:
                     grid = hashlib.sha256(repr(sorted(o for o in args.overrides if o.startswith("sweep."))).encode())
                     path = args.out / suite / f"{t}__{scale}__s{seed}__{grid.hexdigest()[:10]}.json"
                     expected = {"task": t, "scale": scale, "seed": seed}
-                task_plan.append((t, m, seed, cfg, path, expected))
+                task_plan.append(PlannedRun(t, m, seed, cfg, path, expected))
         if problem:  # --data-dir has the task's folder but nothing usable in it: never fall back silently
             if explicit:
                 raise BenchError(f"{t}: {problem}")
             skipped.append((t, problem))
             continue
-        plan += task_plan
-    for t, reason in skipped:
-        print(f"skip {t}: {reason}")
-    if args.dry_run:
-        from bench.records import record_state
+        runs += task_plan
+    messages += [f"skip {what}: {reason}" for what, reason in skipped]
+    if not runs:
+        why = "; ".join(f"{what}: {reason}" for what, reason in skipped) or "no task or method selected"
+        raise BenchError(f"nothing to run: every selected run was skipped ({why})")
+    return Plan(scale, device, explicit, runs, skipped, messages, tour)
 
-        print(f"{len(plan)} runs at scale {scale} on {device}:")
-        for t, m, seed, cfg, path, expected in plan:
-            state, why = record_state(path, expected)
-            note = f"  (the file there is {state}: {why}; it would be moved aside)" if why else ""
-            print(f"  [{'done' if state == 'done' else 'todo'}] {t:<22} {m.label:<28} seed {seed}  -> {path}{note}")
-        return 0
-    if not plan:
-        raise BenchError("no runs left: every selected task was skipped (see the reasons above)")
-    return _sweep(args, plan, device, scale, explicit)
+
+_DEVICE_CHECKED: dict[tuple, str | None] = {}
+
+
+def check_method_device(cfg, spec: MethodSpec, device) -> None:
+    """A method option that cannot run on this device (e.g. ``dense:backend=cudnn`` or ``flash`` on a CPU) is a
+    one-line error now, not a traceback at the first training step: the method's ``unavailable_reason`` hook judges
+    the method; its attention core, built from this config, is tried once on a one-block input on ``device`` (a CPU
+    only: a GPU run has its own checks) and a failure that names a backend or CUDA stops the run."""
+    if getattr(device, "type", "cpu") == "cuda" or not spec.overrides:
+        return
+    key = (spec.label, str(device), repr(cfg.method_cfg))
+    if key not in _DEVICE_CHECKED:
+        _DEVICE_CHECKED[key] = _attention_device_problem(cfg, spec, device)
+    if _DEVICE_CHECKED[key]:
+        raise BenchError(f"method {spec.label} cannot run on {device}: {_DEVICE_CHECKED[key]}")
+
+
+def _attention_device_problem(cfg, spec: MethodSpec, device) -> str | None:
+    import torch
+
+    from bench import registry
+    from bench.method import AttentionSpec
+
+    import logging
+    import warnings
+
+    quiet = logging.getLogger("torch")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # torch logs why each SDPA kernel was not used; the one line below says it all
+    try:
+        method = registry.get_method(spec.name)(cfg.method_cfg, None)
+        n_heads = getattr(cfg.model, "n_heads", 1) or 1
+        core = method.make_attention(AttentionSpec(layer=0, n_heads=n_heads, head_dim=16, max_len=64))
+        q = torch.randn(2, n_heads, 64, 16, device=device, requires_grad=True)
+        mask = torch.ones(2, 64, dtype=torch.bool, device=device)
+        mask[1, 40:] = False  # padded like a real batch (some backends take another path with padding)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            core(q, q, q, mask).sum().backward()
+    except RuntimeError as e:
+        msg = _one_line(e)
+        if "backend" in msg.lower() or "cuda" in msg.lower():
+            first = msg.split(". ")[0][:160]
+            return f"the attention backend it selects needs CUDA ({first}); run it on a GPU, or leave the option out"
+    except Exception:  # noqa: BLE001 - the probe only looks for device problems; anything else the run reports
+        return None
+    finally:
+        quiet.setLevel(level)
+    return None
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:
@@ -375,22 +543,40 @@ def _check_has_records(out: Path) -> None:
     from bench.records import has_records
 
     if not Path(out).is_dir():
-        raise BenchError(f"--out {out} does not exist: nothing to report (a typo? records are under results/ "
-                         "by default)")
+        raise BenchError(f"--out {out} does not exist: nothing to report (a typo? published records are under "
+                         f"{PUBLISHED_OUT}/, your runs under {DEFAULT_OUT}/)")
     if not has_records(out):
         raise BenchError(f"--out {out} holds no readable records: nothing to report")
 
 
-def _sweep(args, plan, device, scale, explicit) -> int:
+def _busy_note() -> str | None:
+    """One line when other processes keep the CPUs busy (CPU step times then grow and scatter)."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    except OSError:
+        return None
+    if load > 0.75 * cores:
+        return (f"note: the CPUs are busy (load {load:.1f} on {cores} core(s)): runs take longer and their step "
+                "times are not comparable")
+    return None
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _sweep(args, plan: Plan) -> int:
     from bench import locks
     from bench.records import move_aside, record_state, write_record_keeping
 
+    device, scale, explicit = plan.device, plan.scale, plan.explicit
     # everything that could fail without training is checked first
     _check_writable_dir(args.out, "--out")
-    for parent in sorted({path.parent for *_, path, _ in plan}):
+    for parent in sorted({r.path.parent for r in plan.runs}):
         _check_writable_dir(parent, "--out")
-    if not args.no_report:
-        _check_writable_dir(args.reports_dir, "--reports-dir")
     try:
         locks.ensure_lock_dir(args.out)
     except OSError as e:
@@ -398,37 +584,54 @@ def _sweep(args, plan, device, scale, explicit) -> int:
     locks.remove_dead_tmp(args.out)  # debris of writes killed mid-way (files of live writers stay)
     # what each planned name held when this sweep started: a record that appears or changes later was written by
     # another sweep sharing --out, and is not redone
-    at_start = {path: _stat(path) for *_, path, _ in plan}
-    progress = not args.no_progress and sys.stderr.isatty()
+    at_start = {r.path: _stat(r.path) for r in plan.runs}
+    tty = sys.stderr.isatty()
+    progress = not args.no_progress and tty
     from tqdm.auto import tqdm
 
+    if device.type == "cpu":
+        busy = _busy_note()
+        if busy:
+            print(busy)
     data_failed = set()
-    sweep = tqdm(plan, desc="sweep", unit="run", disable=not progress)
-    for i, (t, m, seed, cfg, path, expected) in enumerate(sweep, 1):
-        tag = f"[{i}/{len(plan)}] {t} {m.label} seed {seed}"
+    done_paths: list[Path] = []  # records of this sweep's runs (new or kept), for the closing comparison
+    durations: list[float] = []
+    elsewhere = 0  # runs another live sweep holds
+    sweep = tqdm(plan.runs, desc="sweep", unit="run", disable=not progress)
+    n = len(plan.runs)
+    for i, r in enumerate(sweep, 1):
+        t, m, seed, cfg, path, expected = r.task, r.method, r.seed, r.cfg, r.path, r.expected
+        tag = f"[{i}/{n}] {t} {m.label} seed {seed}"
         if t in data_failed:
             continue
         if args.resume and record_state(path, expected)[0] == "done":
             print(f"{tag}: done already ({path})" + _other_hardware_note(path, device))
+            done_paths.append(path)
             continue
         lock = locks.RecordLock(args.out, path)
         if not lock.acquire():
             print(f"{tag}: running in another sweep, skipped ({path})")
+            elsewhere += 1
             continue
         try:
             locks.remove_record_tmp(path)  # ours now: a temporary file of it with no live writer is debris
             state, why = record_state(path, expected)
             if state == "done" and (args.resume or _stat(path) != at_start[path]):
                 print(f"{tag}: done by another sweep ({path})")
+                done_paths.append(path)
                 continue
             if state in ("unreadable", "mismatch"):
                 dest = move_aside(path, args.out, state)
                 print(f"{tag}: {path} is not this run's record ({why}); moved it aside to {dest}")
+            if not tty:  # no progress bar: say what runs now and when the sweep should end
+                left = n - i + 1
+                eta = f"; about {_fmt_s(left * sum(durations) / len(durations))} left" if durations else ""
+                print(f"{tag}: running{eta}", flush=True)
             t0 = time.perf_counter()
             try:
                 record = run_one(t, m, seed, cfg, device, args.data_dir, scale, progress, args.overrides)
             except DataUnavailable as e:
-                if explicit:
+                if explicit and not plan.tour:
                     raise
                 data_failed.add(t)  # a suite goes on without the task, saying why in one line
                 print(f"skip {t}: {_one_line(e)}")
@@ -437,13 +640,49 @@ def _sweep(args, plan, device, scale, explicit) -> int:
             kept = f"; the previous record is kept as {old}" if old else ""
         finally:
             lock.release()
+        durations.append(time.perf_counter() - t0)
+        done_paths.append(path)
         main_metric = record.budget.get("main_metric")
         val = record.metrics.get(main_metric)
         shown = f"{main_metric}={val:.4g}" if isinstance(val, float) else "ok"
-        print(f"{tag}: {shown} ({time.perf_counter() - t0:.1f} s) -> {path}{kept}")
-    if not args.no_report:
-        render(args.out, args.reports_dir)
+        print(f"{tag}: {shown} ({durations[-1]:.1f} s) -> {path}{kept}", flush=True)
+    if not done_paths and not elsewhere:
+        why = "; ".join(f"{t}: data not available" for t in sorted(data_failed)) or "see the lines above"
+        raise BenchError(f"nothing ran: no run of this sweep produced a record ({why})")
+    _closing_summary(args, plan, done_paths, device)
     return 0
+
+
+def _closing_summary(args, plan: Plan, paths: list[Path], device) -> None:
+    """The comparison of this sweep's runs, then where their reports are or how to render them."""
+    from bench.records import read_record
+    from bench.report import summary_table
+
+    recs = []
+    for p in dict.fromkeys(paths):
+        try:
+            rec = read_record(p)
+        except (BenchError, OSError):
+            continue
+        rec["_path"] = str(p)
+        recs.append(rec)
+    text = summary_table(recs)
+    if text:
+        print("\n" + text)
+    if device.type == "cpu":
+        print("CPU timings show how the suite measures, they are not performance numbers: the comparisons that count "
+              "run on a GPU (--scale small or paper).")
+    if plan.tour:
+        print("Next: the full LRA suite, python run_all.py --suite lra (every suite: --suite all); see --help.")
+    suites = sorted(plan.suites)
+    if args.reports_dir is not None and not args.no_report:
+        render(args.out, args.reports_dir, set(suites))
+        return
+    render_cmd = ["python run_all.py --report --out", str(args.out)]
+    if len(suites) == 1:
+        render_cmd += ["--suite", suites[0]]
+    where = PUBLISHED_REPORTS if _is_published(args.out, PUBLISHED_OUT) else Path(args.out) / "reports"
+    print(f"records: {args.out}/; tables and figures: {' '.join(render_cmd)}   (writes {where}/)")
 
 
 def _stat(path: Path):
@@ -452,6 +691,41 @@ def _stat(path: Path):
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+# settings that set a run's budget: an override of one of them is said in the record's budget note
+_BUDGET_KEYS = ("train.steps", "train.batch_size", "train.eval_every", "train.eval_batches", "data.n_train",
+                "data.n_dev", "data.n_test", "data.max_len", "model.n_layers", "model.d_model", "model.max_len")
+
+
+def budget_overrides(cfg, preset) -> list[str]:
+    """``key=value (preset p)`` for every budget setting (``_BUDGET_KEYS``) where ``cfg`` differs from ``preset``."""
+    out = []
+    a, b = cfg.to_dict(), preset.to_dict()
+    sections = {"train": "train", "data": "data", "model": "model"}
+    for key in _BUDGET_KEYS:
+        sec, name = key.split(".")
+        x, y = (a.get(sections[sec]) or {}), (b.get(sections[sec]) or {})
+        if isinstance(x, dict) and isinstance(y, dict) and name in x and x.get(name) != y.get(name):
+            out.append(f"{key}={x[name]} (preset {y.get(name)})")
+    return out
+
+
+def _note_budget_overrides(record, cfg, task_name, spec, scale) -> None:
+    """The budget note is the preset's; overrides that changed the budget are added to it (and a paper-scale run
+    with such overrides is a reduced budget). The config hash is not touched: the note lives in the record only."""
+    try:
+        preset = build_run_config(task_name, spec, scale, cfg.seed, cfg.device, [])
+    except BenchError:
+        return
+    changed = budget_overrides(cfg, preset)
+    if not changed:
+        return
+    note = record.budget.get("note") or ""
+    record.budget["note"] = "; ".join(x for x in (note, "overrides: " + ", ".join(changed)) if x)
+    record.budget["overrides"] = changed
+    if scale == "paper":
+        record.budget["reduced"] = True
 
 
 def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, progress, overrides=()):
@@ -467,6 +741,7 @@ def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, pro
     if spec.overrides:
         method.variant = ",".join(spec.overrides)
     record = Trainer(cfg, task, method, device, progress=progress).run()
+    _note_budget_overrides(record, cfg, task_name, spec, scale)
     folder = task_cls.data_folder(scale) if data_dir else None
     # offline data: say which copy, only if it was read (generated or downloaded data: its notes say so)
     if folder and (Path(data_dir) / folder).is_dir() and task.data_dir_used():
@@ -476,18 +751,17 @@ def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, pro
     return record
 
 
-def render(results: Path, reports: Path) -> int:
+def render(results: Path, reports: Path, suites: set[str] | None = None) -> int:
+    """Render the records under ``results`` into ``reports`` (only ``suites``' reports, plus the index, if given)."""
     from bench import registry
     from bench.report import render_reports
 
-    from bench.records import load_errata
-
     registry.load_all()
-    load_errata(results)  # a malformed errata.json is one line naming the file, not a traceback from the report
     refs = {name: dict(getattr(cls, "REFERENCE", {}) or {}) for name, cls in registry.TASKS.items()}
     # without --data-dir: a task that cannot be had anywhere (e.g. LRA Retrieval's AAN) says so in its report
     suite_tasks = {suite: {t: registry.TASKS[t].data_available(None, "paper") for t in names}
                    for suite, names in registry.SUITES.items() if suite != "kernels"}
-    paths = render_reports(results, reports, refs, suite_tasks)
-    print(f"reports: {len(paths)} files under {reports}/")
+    paths = render_reports(results, reports, refs, suite_tasks, suites=suites)
+    what = f" ({', '.join(sorted(suites))})" if suites else ""
+    print(f"reports{what}: {len(paths)} files under {reports}/")
     return 0

@@ -14,8 +14,8 @@ present, after the efficiency part; it formats with the public helpers below (``
 """
 from __future__ import annotations
 
+import hashlib
 import json
-
 import math
 import re
 from collections import Counter
@@ -38,6 +38,7 @@ NA = "–"  # no runs for this cell
 NM = "n/m"  # not measured
 DAGGER, DDAGGER = "†", "‡"
 CHANCE_MARK, DENSE_CKPT, MIXED_HW = "◦", "§", "¤"
+MIXED_CFG, DROPPED = "≠", "∅"  # averages runs whose configs differ beyond the seed; runs without a main metric value
 # chance accuracy (%) of the LRA tasks (classes: ListOps 10, Text 2, Retrieval 2, Image 10, Pathfinder 2)
 CHANCE = {"lra_listops": 10.0, "lra_text": 50.0, "lra_retrieval": 50.0, "lra_image": 10.0, "lra_pathfinder": 50.0}
 CHANCE_MARGIN = 2.0
@@ -163,11 +164,37 @@ def _runs_frame(recs: list[dict]) -> pd.DataFrame:
             step_ms=meas.get("train_step_ms_median"), tok_s=meas.get("infer_tokens_per_s"),
             mem_mib=meas.get("peak_mem_mib"), density=info.get("density_per_layer"),
             mem_by_phase=meas.get("peak_mem_mib_by_phase"), gpu=r["env"].get("gpu") or "CPU",
+            cfg_key=_config_key(r.get("config") or {}), config=r.get("config") or {},
         ))
     df = pd.DataFrame(rows).sort_values(["scale", "task", "label", "seed", "path"], kind="stable")
     for c in ("step_ms", "tok_s", "mem_mib"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
+
+
+def _config_key(config: dict) -> str:
+    """What a run's config is apart from its seed and device: runs of one label with different keys differ in a
+    setting, and averaging them is marked (``MIXED_CFG``)."""
+    d = {k: v for k, v in config.items() if k not in ("seed", "device")}
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d.items() if isinstance(d, dict) else ()):
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True, default=str)
+    return out
+
+
+def config_differences(configs) -> list[str]:
+    """The settings (``section.field``, seed and device left out) whose values differ among ``configs``."""
+    flats = [_flat({k: v for k, v in c.items() if k not in ("seed", "device")}) for c in configs]
+    keys = sorted(set().union(*flats)) if flats else []
+    return [k for k in keys if len({f.get(k) for f in flats}) > 1]
 
 
 def _task_metric(t: pd.DataFrame) -> tuple[str, bool]:
@@ -200,12 +227,20 @@ def _quality(df: pd.DataFrame, refs: dict, extra: dict | None = None) -> tuple[s
     notes: dict[str, set] = {}
     near_chance = False
     rows, ref_cols, marks = [], [], set()
+    mixed_cfg, dropped = [], []
     for task, t in df.groupby("task", sort=True):
         metric, hib = _task_metric(t)
         row = {"task (main metric)": f"{task} ({metric} {'↑' if hib else '↓'})"}
         for label, g in t.groupby("label", sort=True):
             vals = [m[metric] for m in g.metrics if not is_missing(m.get(metric))]
             cell = _mean_std(vals)
+            if len(vals) < len(g):
+                cell += f" {DROPPED}"
+                dropped.append(f"{task} / {label}: {len(g) - len(vals)} of {len(g)}")
+            if g.cfg_key.nunique() > 1:
+                cell += f" {MIXED_CFG}"
+                diff = config_differences(list(g.config))
+                mixed_cfg.append(f"{task} / {label} ({', '.join(diff[:4]) + (' ...' if len(diff) > 4 else '')})")
             if g.reduced.any():
                 cell += f" {DAGGER}"
                 for note in g[g.reduced].note:
@@ -235,6 +270,12 @@ def _quality(df: pd.DataFrame, refs: dict, extra: dict | None = None) -> tuple[s
                f"tested with the final sparse attention{_extra(extra, NOTE_CKPT_PHASE)}.\n")
     if MIXED_HW in marks:
         md += f"\n{MIXED_HW} Averages runs from different GPUs.\n"
+    if mixed_cfg:
+        md += (f"\n{MIXED_CFG} Averages runs whose configs differ in more than the seed (the settings that differ in "
+               f"brackets): {'; '.join(mixed_cfg)}.\n")
+    if dropped:
+        md += (f"\n{DROPPED} Runs without a value (NaN or missing) for the main metric are left out of the mean and "
+               f"of (n): {'; '.join(dropped)}.\n")
     return md, notes, near_chance
 
 
@@ -302,23 +343,42 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
     fig.legend(handles=handles, loc="outside lower center", ncols=min(4, len(labels)), fontsize=8)
     fig.suptitle(f"{suite} ({scale}): main metric, mean ± std over seeds", fontsize=10)
     written += save_figure(fig, figdir, slug(suite, scale, "quality"))
-    # train step time relative to the fastest dense method of each task
+    # train step time relative to the fastest dense method of each task: a small multiple per task (horizontal bars,
+    # only that task's methods, names on the axis), coloured by family, with the family key below the panels
     if not (df.dense & df.step_ms.notna()).any():
         return written
-    fig = Figure(figsize=(max(4.0, 1.2 * len(tasks) * max(1, len(labels)) / 2), 3.4), layout="constrained")
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(labels))
-    for ti, task in enumerate(tasks):
-        g = df[df.task == task].groupby("label").agg(step=("step_ms", "mean"), dense=("dense", "any"))
-        best = g[g.dense].step.min()
-        for i, lab in enumerate(labels):
-            if lab in g.index and not is_missing(best) and not is_missing(g.step[lab]):
-                ax.bar(ti + (i - (len(labels) - 1) / 2) * width, g.step[lab] / best, width, color=colors[lab])
-    ax.axhline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
-    ax.set_ylabel("train step time / fastest dense")
-    ax.legend(handles=handles, fontsize=7)
-    ax.set_title(f"{suite} ({scale}): step time relative to the fastest dense method", fontsize=10)
+    families = sorted({f or "?" for f in df.family})
+    fam_color = {f: ("0.35" if f == "dense" else _color(i)) for i, f in enumerate(x for x in families)}
+    ncols = min(2, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    per_task = [sorted(df[df.task == task].label.unique()) for task in tasks]
+    rows_h = max(len(x) for x in per_task)
+    fig = Figure(figsize=(5.4 * ncols, 0.9 + nrows * (0.6 + 0.26 * rows_h)), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for idx, (task, labs) in enumerate(zip(tasks, per_task)):
+        ax = axes[idx // ncols][idx % ncols]
+        t = df[df.task == task]
+        g = t.groupby("label").agg(step=("step_ms", "mean"), dense=("dense", "any"),
+                                   family=("family", lambda x: x.iloc[0] or "?"))
+        best_label, best = fastest(t, t.dense)
+        for i, lab in enumerate(labs):
+            if not is_missing(best) and not is_missing(g.step[lab]):
+                r = g.step[lab] / best
+                ax.barh(i, r, 0.7, color=fam_color[g.family[lab]])
+                ax.text(r, i, f" {r:.2f}", va="center", fontsize=7)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yticks(range(len(labs)), labs, fontsize=7)
+        ax.set_ylim(rows_h - 0.5, -0.5)  # first method on top; panels of one height
+        ax.margins(x=0.18)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(f"{task} (1 = {best_label})" if best_label else task, fontsize=8)
+        if idx // ncols == nrows - 1 or idx + ncols >= len(tasks):
+            ax.set_xlabel("train step time / fastest dense", fontsize=8)
+    for idx in range(len(tasks), nrows * ncols):
+        axes[idx // ncols][idx % ncols].set_visible(False)
+    handles = [matplotlib.patches.Patch(color=fam_color[f], label=f) for f in families]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(6, len(families)), fontsize=7)
+    fig.suptitle(f"{suite} ({scale}): train step time relative to the fastest dense method of each task", fontsize=9)
     written += save_figure(fig, figdir, slug(suite, scale, "step_time"))
     return written
 
@@ -596,21 +656,24 @@ def _time_vs_density(k: pd.DataFrame, title: str) -> Figure:
 
 def _speedup_vs_length(g: pd.DataFrame, title: str) -> Figure:
     """Speedup of one block-sparse kernel over the best dense kernel vs L: a panel per (pass, D), a line per
-    (pattern, nominal density); log y so that the slowdowns (< 1) stay readable."""
+    (pattern, nominal density); colour = density (one ordered scale, at most 8 colours), marker and line style =
+    pattern, so the legend reads as two short keys; log y so that the slowdowns (< 1) stay readable."""
     dims = sorted(g.D.unique())
-    fig = Figure(figsize=(4.2 * len(dims) + 2.2, 6.4), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(dims) + 2.0, 6.4), layout="constrained")
     axes = fig.subplots(2, len(dims), squeeze=False, sharex=True)
-    series = sorted(set(zip(g.pattern, g.density_target)))
-    style = {s: (_color(i), {"random": "o", "local": "s", "bigbird": "^", "dense": "x"}.get(s[0], "d"))
-             for i, s in enumerate(series)}
+    patterns = sorted(set(g.pattern))
+    densities = sorted(set(g.density_target))
+    cmap = matplotlib.colormaps["viridis"]
+    dcolor = {d: cmap(0.9 * i / max(1, len(densities) - 1)) for i, d in enumerate(densities)}
+    pstyle = {p: (m, ls) for p, m, ls in zip(patterns, "os^Dvx" * 4, ["-", "--", ":", "-."] * 6)}
     for row, t in enumerate(TIMES):
         for col, D in enumerate(dims):
             ax = axes[row][col]
             for (pat, d), line in g[g.D == D].groupby(["pattern", "density_target"], sort=True):
                 line = line.dropna(subset=[f"x_dense_{t}"]).sort_values("L")
                 if len(line):
-                    color, marker = style[(pat, d)]
-                    ax.plot(line.L, line[f"x_dense_{t}"], "-", marker=marker, ms=4, lw=1, color=color)
+                    marker, ls = pstyle[pat]
+                    ax.plot(line.L, line[f"x_dense_{t}"], ls=ls, marker=marker, ms=4, lw=1.2, color=dcolor[d])
             ax.axhline(1.0, color="k", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -619,8 +682,10 @@ def _speedup_vs_length(g: pd.DataFrame, title: str) -> Figure:
                 ax.set_xlabel("sequence length L")
             if col == 0:
                 ax.set_ylabel("speedup over best dense")
-    handles = [Line2D([], [], color=c, marker=m, label=f"{pat} d={d:.3g}") for (pat, d), (c, m) in style.items()]
-    fig.legend(handles=handles, loc="outside right center", fontsize=7, title="pattern, density", title_fontsize=7)
+    handles = [Line2D([], [], color=dcolor[d], lw=3, label=f"{d:.3g}") for d in densities]
+    fig.legend(handles=handles, loc="outside right upper", fontsize=7, title="density (colour)", title_fontsize=7)
+    handles = [Line2D([], [], color="0.3", ls=ls, marker=m, label=p) for p, (m, ls) in pstyle.items()]
+    fig.legend(handles=handles, loc="outside right lower", fontsize=7, title="pattern (marker)", title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     return fig
 
@@ -697,10 +762,19 @@ def _env_footer(recs: list[dict]) -> str:
             f"- records: {len(recs)}\n")
 
 
-def _load_errata(results_dir: Path) -> list[dict]:
-    """``results/errata.json``: known defects of committed records (records themselves are never edited)."""
-    path = results_dir / "errata.json"
-    return json.loads(path.read_text()) if path.exists() else []
+def _load_errata(results_dir: Path) -> tuple[list[dict], str | None]:
+    """``results/errata.json``: known defects of committed records (records themselves are never edited). A file
+    that cannot be read (invalid JSON, a malformed entry) does not stop the report: ``([], why)``, and every
+    report then says that errata are not marked."""
+    from bench.errors import BenchError
+    from bench.records import load_errata
+
+    try:
+        return load_errata(results_dir), None
+    except (BenchError, OSError) as e:
+        why = " ".join(str(e).split())
+        print(f"warning: errata not applied: {why}")
+        return [], why
 
 
 def _mark_erratum(rec: dict, results_dir: Path, errata: list[dict]) -> None:
@@ -735,23 +809,31 @@ def _errata_section(recs: list[dict], errata: list[dict]) -> list[str]:
 
 def render_reports(results_dir: Path, reports_dir: Path,
                    task_reference: dict[str, dict[str, float]] | None = None,
-                   suite_tasks: dict[str, dict[str, str | None]] | None = None) -> list[Path]:
+                   suite_tasks: dict[str, dict[str, str | None]] | None = None,
+                   suites: set[str] | None = None) -> list[Path]:
     """Render every record under ``results_dir`` into ``reports_dir``; returns the written paths.
 
     ``suite_tasks`` (suite -> task -> reason its data is unavailable, or None) lets a report name the
-    suite's tasks that have no records, and why, instead of silently leaving them out."""
+    suite's tasks that have no records, and why, instead of silently leaving them out. ``suites``: render only
+    these suites' reports (and the index); the others' files are left as they are."""
     results_dir, reports_dir = Path(results_dir), Path(reports_dir)
     refs = task_reference or {}
     figdir = reports_dir / "figures"
     by_suite: dict[str, list[dict]] = {}
-    errata = _load_errata(results_dir)
+    errata, errata_problem = _load_errata(results_dir)
     for rec in load_records(results_dir) if results_dir.exists() else []:
         _mark_erratum(rec, results_dir, errata)
         by_suite.setdefault(_suite_of(rec, results_dir), []).append(rec)
     written: list[Path] = []
     for suite, recs in sorted(by_suite.items()):
-        md = [f"# {suite}\n", f"Rendered from {len(recs)} record(s) under `results/{suite}/`; "
-              "regenerate with `python run_all.py --report`.\n"]
+        if suites is not None and suite not in suites:
+            continue
+        published = results_dir.name == "results"
+        cmd = "python run_all.py --report" + ("" if published else f" --out {results_dir}")
+        md = [f"# {suite}\n", f"Rendered from {len(recs)} record(s) under `{results_dir.name}/{suite}/`; "
+              f"regenerate with `{cmd}`.\n"]
+        if errata_problem:
+            md.append(f"**Known defects are not marked here**: `errata.json` could not be read ({errata_problem}).\n")
         md += _errata_section(recs, errata)
         md += _missing_tasks(recs, (suite_tasks or {}).get(suite, {}))
         runs = [r for r in recs if r["kind"] != "kernel_sweep"]
@@ -778,3 +860,32 @@ def render_reports(results_dir: Path, reports_dir: Path,
     atomic_write_text(path, "\n".join(index))
     written.append(path)
     return sorted(written)
+
+
+# ----------------------------------------------------------------------------- a sweep's closing comparison
+
+def summary_table(recs: list[dict]) -> str:
+    """The comparison a sweep prints when it ends: per task and scale, one row per method (label) with its main
+    metric (mean over its runs, n), median train step time, that time over the fastest dense method's of the same
+    table, and the attention density (1 for dense; mean over layers of ``density_per_layer`` otherwise)."""
+    runs = [r for r in recs if r.get("kind") == "run"]
+    if not runs:
+        return ""
+    df = _runs_frame(runs)
+    out = []
+    for (scale, task), t in df.groupby(["scale", "task"], sort=True):
+        metric, hib = _task_metric(t)
+        best, best_ms = fastest(t, t.dense)
+        rows = []
+        for label, g in t.groupby("label", sort=True):
+            vals = [m[metric] for m in g.metrics if not is_missing(m.get(metric))]
+            dropped = len(g) - len(vals)
+            ms = g.step_ms.mean()
+            dens = 1.0 if g.dense.all() else mean_density(g.density)
+            rows.append({"method": label,
+                         f"{metric} {'↑' if hib else '↓'}": _mean_std(vals) + (f" ({dropped} NaN left out)" if dropped else ""),
+                         "train step (ms)": fmt_num(ms), "step / fastest dense": fmt_ratio(ms / best_ms) if best else NM,
+                         "attention density": NA if is_missing(dens) else f"{dens:.3g}"})
+        head = f"{task} ({scale})" + (f": ratios to {best}" if best else ": no dense run, no ratios")
+        out.append(head + "\n" + md_table(pd.DataFrame(rows)))
+    return "\n".join(out)

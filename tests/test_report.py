@@ -349,3 +349,62 @@ def test_report_names_no_method():
     allowed = set(FAMILIES) | {"flex", "local", "bigbird"}
     for name in METHODS:
         assert name in allowed or name not in src, name
+
+
+# ----------------------------------------------------------------------------- honest averages (issue 10)
+
+def _lra_cfg(seed, acc, steps=100, method="dense"):
+    rec = _run("listops", method, seed, acc)
+    rec.config = {"task": "listops", "seed": seed, "train": {"steps": steps, "lr": 1e-3}, "device": f"cuda:{seed}"}
+    rec.config_hash = f"c{seed}{steps}"
+    return rec
+
+
+def _write(results, recs):
+    for r in recs:
+        write_record(r, results / "lra" / record_filename(r.task, r.method, r.scale, r.seed, r.config_hash))
+
+
+def test_runs_with_different_configs_under_one_label_are_marked(tmp_path):
+    results = tmp_path / "results"
+    _write(results, [_lra_cfg(0, 36.0), _lra_cfg(1, 38.0, steps=200), _lra_cfg(0, 30.0, method="bigbird"),
+                     _lra_cfg(1, 31.0, method="bigbird")])  # bigbird: seeds (and devices) differ only
+    render_reports(results, tmp_path / "rep")
+    md = (tmp_path / "rep" / "lra.md").read_text()
+    quality = md.split("### Quality")[1].split("### Efficiency")[0]
+    dense_row = next(line for line in quality.splitlines() if line.startswith("| dense"))
+    bigbird_row = next(line for line in quality.splitlines() if line.startswith("| bigbird"))
+    assert "≠" in dense_row and "≠" not in bigbird_row
+    assert "configs differ in more than the seed" in quality and "listops / dense [sdpa] (train.steps)" in quality
+
+
+def test_a_nan_main_metric_left_out_of_mean_and_n_is_said(tmp_path):
+    results = tmp_path / "results"
+    _write(results, [_lra_cfg(0, 36.0), _lra_cfg(1, float("nan")), _lra_cfg(2, 38.0)])
+    render_reports(results, tmp_path / "rep")
+    quality = (tmp_path / "rep" / "lra.md").read_text().split("### Quality")[1].split("### Efficiency")[0]
+    row = next(line for line in quality.splitlines() if line.startswith("| dense"))
+    assert "(2)" in row and "∅" in row
+    assert "left out of the mean and of (n): listops / dense [sdpa]: 1 of 3" in quality
+
+
+def test_render_only_the_asked_suites(tmp_path):
+    results = tmp_path / "results"
+    _write(results, [_lra_cfg(0, 36.0)])
+    write_record(_sweep(), results / "kernels" / "attention__sweep__paper__s0__k0.json")
+    written = render_reports(results, tmp_path / "rep", suites={"lra"})
+    names = {p.name for p in written if p.suffix == ".md"}
+    assert names == {"lra.md", "README.md"} and not (tmp_path / "rep" / "kernels.md").exists()
+    assert "kernels.md" in (tmp_path / "rep" / "README.md").read_text()  # the index still lists every suite
+
+
+def test_summary_table_compares_with_the_fastest_dense(tmp_path):
+    from bench.records import load_records
+    from bench.report import summary_table
+
+    results = tmp_path / "results"
+    _write(results, [_run("listops", "dense", 0, 36.0), _run("listops", "bigbird", 0, 35.0)])
+    text = summary_table(load_records(results))
+    bigbird = next(line for line in text.splitlines() if line.startswith("| bigbird"))
+    assert "0.50×" in bigbird and "0.188" in bigbird  # 5 ms vs 10 ms; mean density of [0.25, 0.125]
+    assert "ratios to dense" in text
