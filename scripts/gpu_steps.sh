@@ -1,12 +1,20 @@
 # Named GPU run steps for a rented single-GPU box (docs/gpu_runs.md). Each step runs under `timeout` and, after
 # it, every record so far is re-packed into $OUT/records.tgz, so a call cut off at its time limit still returns
 # the finished runs.
-# Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step [step ...]
-# Steps: kernel_check spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels
+# Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step[:seconds] [...]
+# Steps: kernel_check spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense
+#   text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels ap_lm ap_glue ap_mt dsti_sst2
+# Staged methods (AP, DSTI) keep their artifacts (the dense checkpoint, attention statistics, expert splits) in
+# $SPARSEBENCH_ARTIFACTS inside the box's tree, so a tau sweep trains the dense model once per task and seed.
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
 res=/tmp/sparsebench-results; mkdir -p "$res" "$out"
-common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume)
+export SPARSEBENCH_ARTIFACTS="${SPARSEBENCH_ARTIFACTS:-$PWD/.gpu_artifacts}"
+common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume ${DRY:+--dry-run})
 minilm=model.pretrained=.gpu/all-MiniLM-L6-v2-fp16  # fp16 copy of the pip package's weights (carry limit)
+AP=attention_pruning
+# AP (issue 12): the spec's tau grid {0.2, 0.4, 0.6, 0.8} (+ eval-only sweeps of the tau-0.8 weights) and the
+# RANDOM_PRUNE control; protocol=retrain (faithful: the masked stage repeats the dense budget from the same init)
+# unless a step says otherwise. Every reduced budget is an override, so it is in each record's config.
 
 step() {
   case "$1" in
@@ -36,13 +44,31 @@ step() {
     kernel_check)  # correctness (fwd + grads vs fp64) and the GPU regression gate, before any kernel timing
                    python3 -m kernels.gpu_check --parts correctness --out "$res/gpu_check" &&
                    python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_gpu_kernels.py ;;
+    ap_lm)         # WikiText-2 (GPT decoder, small budget): retrain at 0.4 and 0.8, random control at 0.8, and the
+                   # tau-0.8 masks on the block-sparse kernel, eval-only (protocol=inference: speed of the same masks)
+                   python3 run_all.py --suite lm --tasks wikitext2 "${common[@]}" --methods dense:backend=flash \
+                     "$AP:tau=0.8,sweep=0/0.2/0.4/0.6" "$AP:tau=0.4" "$AP:tau=0.8,control=random" \
+                     "$AP:tau=0.8,mode=block_sparse,protocol=inference" ;;
+    ap_glue)       # GLUE RTE, MRPC (MiniLM): dense fine-tune -> statistics -> re-fine-tune from the checkpoint
+                   python3 run_all.py --suite glue --tasks ${GLUE_TASKS:-rte mrpc} "${common[@]}" "$minilm" \
+                     --methods dense:backend=flash "$AP:tau=0.8,sweep=0/0.2/0.4/0.6" "$AP:tau=0.2" "$AP:tau=0.4" \
+                     "$AP:tau=0.6" "$AP:tau=0.4,control=random" "$AP:tau=0.8,control=random" ;;
+    ap_mt)         # Multi30k, one tau for enc self, dec self and cross (faithful); reduced: 2000 dense steps, the
+                   # masked stage fine-tunes the dense checkpoint for 500 (protocol=finetune), greedy test decoding
+                   o=(train.steps=2000 data.beam_size=1); m="$AP:protocol=finetune,masked_steps=500,masked_lr=3e-4"
+                   python3 run_all.py --suite mt --tasks multi30k "${common[@]}" "${o[@]}" --methods dense:backend=flash \
+                     "$m,tau=0.8,sweep=0/0.2/0.4/0.6" "$m,tau=0.4" "$m,tau=0.8,control=random" ;;
+    dsti_sst2)     # DSTI vs the MoEfication baseline on SST-2 (MiniLM), reduced: 1000 steps per training stage
+                   python3 run_all.py --suite glue --tasks sst2 "${common[@]}" "$minilm" train.steps=1000 \
+                     --methods dense:backend=flash dsti dsti:pipeline=moefication ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
 
-for s in "$@"; do
+for arg in "$@"; do  # step or step:seconds
+  s=${arg%%:*}; lim=${arg#*:}; [ "$lim" = "$arg" ] && lim=$limit
   echo "=== $s $(date +%T)"
-  timeout -k 10 "$limit" bash -c "$(declare -p common minilm res); $(declare -f step); step $s" 2>&1 | tee -a "$out/log.txt"
+  timeout -k 10 "$lim" bash -c "$(declare -p common minilm res AP); $(declare -f step); step $s" 2>&1 | tee -a "$out/log.txt"
   echo "=== $s exit ${PIPESTATUS[0]} $(date +%T)" | tee -a "$out/log.txt"
   tar czf "$out/records.tgz.tmp" -C "$res" . && mv "$out/records.tgz.tmp" "$out/records.tgz"
 done
