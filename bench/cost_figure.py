@@ -1,8 +1,10 @@
 """Quality vs cost: one figure per task with every method on it (forward FLOPs per token vs the main metric).
 
 ``points_from_records(records) -> (points, notes)`` turns run records (dicts as ``bench.records`` loads them) into
-points; ``quality_vs_cost_figure(points, path, title, metric_name, higher_is_better)`` draws them;
-``quality_vs_cost_figures(records, out_dir)`` does both per task.
+points; ``points_by_task(records)`` splits them per task (one metric per task) with that task's notes;
+``cost_figure(points, title, metric_name, higher_is_better)`` draws them on a ``matplotlib.figure.Figure`` (no pyplot:
+``bench.report`` saves it as PNG + SVG next to its other figures), ``quality_vs_cost_figure(points, path, ...)`` draws
+and saves one PNG; ``quality_vs_cost_figures(records, out_dir)`` does both per task.
 
 Where a record's cost comes from (``bench.cost.forward_cost``'s dict): its ``cost`` field, else the ``cost`` of the
 last entry of its ``stages`` list that has one (the stage whose model was evaluated). A record with neither is
@@ -122,25 +124,25 @@ def points_from_records(records: list[dict]) -> tuple[list[dict], list[str]]:
     return points, notes + sorted(dev_notes)
 
 
-def quality_vs_cost_figure(points: list[dict], path, title: str, metric_name: str,
-                           higher_is_better: bool = True) -> Path:
+def plotted(points: list[dict]) -> list[dict]:
+    """The points a figure can show: a positive cost and a finite metric (x is on a log scale)."""
+    return [p for p in points if p.get("flops_per_token") and p["flops_per_token"] > 0
+            and isinstance(p.get("metric"), (int, float)) and math.isfinite(p["metric"])]
+
+
+def cost_figure(points: list[dict], title: str, metric_name: str, higher_is_better: bool = True):
     """Draw ``points`` (``{"method", "family", "flops_per_token", "metric", "metric_std"?, "kind"}``): x = forward
     GFLOPs per token (log), y = the metric; one marker shape per family, one colour per method (8 colours, reused
     with another marker beyond 8), a method's operating points joined by a line in cost order, its run point a
-    larger hollow-edged marker; a dotted line at the best dense run. Returns ``path``."""
-    import matplotlib
+    larger black-edged marker; a dotted line at the best dense run. Returns the ``matplotlib.figure.Figure``."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pts = [p for p in points if p.get("flops_per_token") and p["flops_per_token"] > 0
-           and isinstance(p.get("metric"), (int, float)) and math.isfinite(p["metric"])]
+    pts = plotted(points)
     methods = sorted({(p.get("family") or "other", p["method"]) for p in pts},
                      key=lambda fm: (list(FAMILY_MARKERS).index(fm[0]) if fm[0] in FAMILY_MARKERS else 99, fm[1]))
     colour = {m: COLOURS[i % len(COLOURS)] for i, (_, m) in enumerate(methods)}
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    fig = Figure(figsize=(6, 4), dpi=150)
+    ax = fig.subplots()
     for fam, m in methods:
         marker = FAMILY_MARKERS.get(fam, OTHER_MARKER)
         mine = [p for p in pts if p["method"] == m]
@@ -168,8 +170,11 @@ def quality_vs_cost_figure(points: list[dict], path, title: str, metric_name: st
 
         fmt = FuncFormatter(lambda v, _: f"{v:.3g}")
         ax.xaxis.set_major_formatter(fmt)
-        # under about a decade the major ticks are too few: label the minor ones too
-        ax.xaxis.set_minor_formatter(fmt if max(xs) / min(xs) < 20 else NullFormatter())
+        def minor(v, _):  # 2, 3 and 5 times a power of ten: every minor label would overlap its neighbours
+            return fmt(v, _) if v > 0 and round(v / 10 ** math.floor(math.log10(v)), 6) in (2, 3, 5) else ""
+
+        # under about a decade the major ticks are too few: label some minor ones too
+        ax.xaxis.set_minor_formatter(FuncFormatter(minor) if max(xs) / min(xs) < 20 else NullFormatter())
         ax.tick_params(axis="x", which="both", labelsize=7)
     ax.set_xlabel("forward GFLOPs per token")
     ax.set_ylabel(f"{metric_name} ({'higher' if higher_is_better else 'lower'} is better)")
@@ -179,25 +184,49 @@ def quality_vs_cost_figure(points: list[dict], path, title: str, metric_name: st
         ax.text(0.5, 0.5, "no runs with a cost", ha="center", va="center", transform=ax.transAxes)
     else:
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False, borderaxespad=0)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
+    return fig
+
+
+def quality_vs_cost_figure(points: list[dict], path, title: str, metric_name: str,
+                           higher_is_better: bool = True) -> Path:
+    """``cost_figure`` saved as one PNG at ``path`` (its folder made). Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cost_figure(points, title, metric_name, higher_is_better).savefig(path, bbox_inches="tight")
     return path
+
+
+def points_by_task(records: list[dict]) -> tuple[dict[str, dict], list[str]]:
+    """``points_from_records`` split per task: ``({task: {"points", "metric", "higher_is_better", "notes"}}, notes)``
+    for the tasks with at least one point. A task's metric is the most common main metric among its points (ties:
+    the first name); points of another metric are left out with a note. A task's ``notes`` are those about its
+    records (they start with ``"<task> / "``); ``notes`` (the second value) has every note, the tasks without a
+    point included."""
+    points, notes = points_from_records(records)
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for p in points:
+        by_task[p["task"]].append(p)
+    out = {}
+    for task, pts in sorted(by_task.items()):
+        names: dict[tuple, int] = defaultdict(int)
+        for p in pts:
+            names[(p["metric_name"], p["higher_is_better"])] += 1
+        (metric, hib), _ = min(names.items(), key=lambda kv: (-kv[1], kv[0][0], not kv[0][1]))
+        mine = [n for n in notes if n.startswith(f"{task} / ")]
+        other = sorted({p["method"] for p in pts if p["metric_name"] != metric})
+        if other:
+            mine.append(f"{task} / {', '.join(other)}: main metric is not {metric!r}; left out")
+        out[task] = dict(points=[p for p in pts if p["metric_name"] == metric], metric=metric,
+                         higher_is_better=hib, notes=mine)
+    return out, notes
 
 
 def quality_vs_cost_figures(records: list[dict], out_dir, prefix: str = "quality_vs_cost") -> tuple[dict, list[str]]:
     """One figure per task of ``records`` (``<out_dir>/<prefix>_<task>.png``): ``({task: path}, notes)``; a task
     whose records have no cost gets no figure (its notes say why)."""
-    points, notes = points_from_records(records)
-    by_task: dict[str, list[dict]] = defaultdict(list)
-    for p in points:
-        by_task[p["task"]].append(p)
+    tasks, notes = points_by_task(records)
     paths = {}
-    for task, pts in sorted(by_task.items()):
-        names = defaultdict(int)
-        for p in pts:
-            names[(p["metric_name"], p["higher_is_better"])] += 1
-        (metric, hib), _ = max(names.items(), key=lambda kv: kv[1])
-        pts = [p for p in pts if p["metric_name"] == metric]
-        paths[task] = quality_vs_cost_figure(pts, Path(out_dir) / f"{prefix}_{task}.png",
-                                             f"{task}: quality vs forward cost", metric, hib)
+    for task, t in tasks.items():
+        paths[task] = quality_vs_cost_figure(t["points"], Path(out_dir) / f"{prefix}_{task}.png",
+                                             f"{task}: quality vs forward cost", t["metric"], t["higher_is_better"])
     return paths, notes

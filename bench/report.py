@@ -3,8 +3,10 @@
 ``python run_all.py --report`` calls ``render_reports(Path("results"), Path("reports"), references)``.
 One ``reports/<suite>.md`` per suite present (the suite is the first folder under ``results/``;
 ``kind == "kernel_sweep"`` records are the ``kernels`` suite) plus ``reports/README.md``. Every number
-comes from a record; nothing is typed in, nothing is rerun. Output is deterministic: two renders of the
-same records give byte-identical markdown (and SVGs).
+comes from a record; nothing is typed in, nothing is rerun. Per scale and task, runs whose records carry a forward
+cost (``cost``, a stage's ``cost``, operating points with a ``cost``) get a quality-vs-cost figure with every method
+on it (``bench.cost_figure``) and a table of its points; records without cost facts (older records) add none.
+Output is deterministic: two renders of the same records give byte-identical markdown (and SVGs).
 
 Reports name no method: they group runs by the ``family`` of ``bench.method.FAMILIES`` that each record stores
 (records of the legacy family "sparse" take the family of the registered method of that name). A method adds its
@@ -31,6 +33,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from bench.config import SCALES
+from bench.cost_figure import FAMILY_MARKERS, cost_figure, plotted, points_by_task
 from bench.records import atomic_write_text, load_records
 from bench.registry import SUITES
 
@@ -421,6 +424,67 @@ def _step_vs_length(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> li
     return save_figure(fig, figdir, slug(suite, scale, "step_time_vs_length"))
 
 
+# ----------------------------------------------------------------------------- quality vs cost (bench/cost_figure.py)
+
+def _point_name(point) -> str:
+    """An operating point as the table shows it: ``{"tau": 0.5}`` -> ``tau=0.5``."""
+    if isinstance(point, dict):
+        return ", ".join(f"{k}={json.dumps(v, sort_keys=True, default=str)}" for k, v in sorted(point.items())) or "{}"
+    return json.dumps(point, sort_keys=True, default=str)
+
+
+def _cost_sections(recs: list[dict], suite: str, scale: str, figdir: Path) -> tuple[list[str], list[Path]]:
+    """One scale's runs: per task with at least one record that has a forward cost (``cost``, a stage's ``cost``,
+    or operating points with a ``cost``), the quality-vs-cost figure (every method on it, ``bench.cost_figure``),
+    a table of its points, and the notes on what was left out. Tasks without cost facts get nothing."""
+    classes = _method_classes()
+    # the family as the rest of the report shows it (a legacy "sparse" becomes the registered method's family)
+    recs = [dict(r, method_info={**r["method_info"], "family": _family(r, classes)}) for r in recs]
+    tasks, _ = points_by_task(recs)
+    tasks = {task: t for task, t in tasks.items() if plotted(t["points"])}
+    if not tasks:
+        return [], []
+    md = ["### Quality vs cost\n",
+          "Per task, every method with a recorded forward cost: x = forward FLOPs per token of the evaluated model "
+          "(`bench/cost.py`: 2 FLOPs per multiply-add of the Linears and attention products), y = the main metric "
+          "(mean ± sample std over seeds, (n) = seeds). A `run` point is the run's reported model (its `cost`, else "
+          "the last stage with one); the other points are the operating points a run evaluated (a line per method "
+          "in the figure). `FLOPs / dense` is relative to the dense run with the fewest FLOPs per token of the "
+          "task.\n"]
+    written = []
+    order = list(FAMILY_MARKERS)
+    for task, t in tasks.items():
+        pts = sorted(plotted(t["points"]), key=lambda p: (
+            order.index(p["family"]) if p["family"] in order else len(order), p["family"], p["method"],
+            p["kind"] != "run", p["flops_per_token"], _point_name(p["point"])))
+        metric, hib = t["metric"], t["higher_is_better"]
+        md.append(f"#### {task}\n")
+        dense = [p for p in pts if p["family"] == "dense" and p["kind"] == "run"]
+        ref = min(dense, key=lambda p: (p["flops_per_token"], p["method"])) if dense else None
+        if ref is None:
+            md.append("No dense run with a recorded cost here: `FLOPs / dense` is n/m.\n")
+        else:
+            md.append(f"Dense reference: **{ref['method']}** ({fmt_num(ref['flops_per_token'] / 1e9)} GFLOPs per "
+                      "token).\n")
+        fig = cost_figure(pts, f"{suite} ({scale}) {task}: quality vs forward cost", metric, hib)
+        figs = save_figure(fig, figdir, slug(suite, scale, task, "quality_vs_cost"))
+        written += figs
+        md.append(figure_links(figs))
+        md.append(md_table(pd.DataFrame({
+            "method": [p["method"] for p in pts], "family": [p["family"] for p in pts],
+            "operating point": ["run" if p["kind"] == "run" else _point_name(p["point"]) for p in pts],
+            "GFLOPs / token": [fmt_num(p["flops_per_token"] / 1e9) for p in pts],
+            "FLOPs / dense": [fmt_ratio(p["flops_per_token"] / ref["flops_per_token"]) if ref else NM for p in pts],
+            f"{metric} {'↑' if hib else '↓'}": [
+                fmt_num(p["metric"]) + (f" ± {fmt_num(p['metric_std'])}" if p.get("metric_std") is not None else "")
+                + f" ({p['seeds']})" for p in pts],
+        })))
+        if t["notes"]:
+            md.append("Notes (records or points left out, metrics read from another field):\n")
+            md.append("".join(f"- {n}\n" for n in t["notes"]))
+    return md, written
+
+
 # ----------------------------------------------------------------------------- method sections (Method.report_section)
 
 NOTE_CKPT_PHASE = "ckpt_phase"  # appended to the quality table's footnote on DENSE_CKPT (``ckpt_phase_differs``)
@@ -544,6 +608,9 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
         figs = _step_vs_length(s, suite, scale, figdir)
         written += figs
         md += [figure_links(figs)] if figs else []
+        sec, figs = _cost_sections([r for r in recs if r["scale"] == scale], suite, scale, figdir)
+        md += sec
+        written += figs
         md += sections
         written += section_figs
     return md, written
