@@ -10,10 +10,11 @@ from scratch. One registered method, ``dsti``, runs the whole protocol as stages
 1. ``sparsity_finetune`` (Train): task loss + ``alpha * mean_layers mean_tokens sum_i a_i`` (the l1 of the ReLU FFN
    activations, padding tokens included as the reference; ``penalty=hoyer``: squared Hoyer). ``sparsity_eval``
    (Compute) measures activation sparsity after it.
-2. ``expert_split`` (Compute, cached): per layer, balanced k-means (``k-means-constrained``) of the unit-normalised
-   rows of W1 into E experts of exactly n_e = d_ff / E neurons (MoEfication's parameter clustering; ``split=random``:
-   the ablation). The split is a permutation of the hidden units stored as a buffer ``perm``: with every expert
-   executed the MoE layer *is* the dense FFN (spec U1).
+2. ``expert_split`` (Compute, cached): per layer, balanced k-means (``balanced_kmeans``: our numpy/scipy solver of
+   KMeansConstrained's problem, no ortools; k-means++ seeding, exact equal-size assignment steps) of the
+   unit-normalised rows of W1 into E experts of exactly n_e = d_ff / E neurons (MoEfication's parameter clustering;
+   ``split=random``: the ablation). The split is a permutation of the hidden units stored as a buffer ``perm``: with
+   every expert executed the MoE layer *is* the dense FFN (spec U1).
 3. ``router_train`` (Train, backbone frozen, eval-mode backbone: no dropout): per layer a router
    ``g(x) = |W_b relu(W_a x + c_a) + c_b|`` (width 128) regresses (MSE) the l1 mass of each expert's hidden
    activations divided by its max over the batch (DSTI v1 target); all experts execute (dense) to produce targets.
@@ -88,8 +89,8 @@ class DSTIConfig:
     n_experts: int = 0  # E; 0 = 128 when d_ff / 128 >= 4 neurons, else experts of 8 neurons (tiny models)
     expert_size: int = 0  # n_e instead of E (E = d_ff / expert_size), e.g. 24 as BERT-base's experts
     split: str = "kmeans"  # kmeans (balanced k-means of normalised W1 rows) | random (ablation)
-    kmeans_n_init: int = 10  # KMeansConstrained defaults (n_init 10, max_iter 300), random_state = split_seed
-    kmeans_max_iter: int = 300
+    kmeans_n_init: int = 10  # restarts; 10 and 300 are KMeansConstrained's defaults (the solver is ours,
+    kmeans_max_iter: int = 300  # balanced_kmeans: k-means++ seeded from split_seed; tol 1e-4 as sklearn)
     split_seed: int = 0
     split_workers: int = 0  # processes for the per-layer clustering (0 = one per layer, up to the CPU count)
     router_width: int = 128  # w (spec §2.5)
@@ -220,11 +221,180 @@ def select_experts(r: torch.Tensor, rule: str, tau: float) -> torch.Tensor:
 
 
 # ---- expert split (stage 2) ----------------------------------------------------------------------------------
+# Balanced k-means, our solver (in the place of KMeansConstrained(size_min=size_max=n_e), whose min-cost flow needs
+# ortools): k-means++ seeding, Lloyd iterations whose assignment step is the exact min-cost assignment of the points
+# to clusters of exactly n_e members, centres the members' means.
+SPLIT_NOTE = ("balanced k-means solved with scipy linear_sum_assignment (exact assignment under equal sizes, as "
+              "KMeansConstrained's min-cost flow; ours costs squared distances, the k-means objective, where "
+              "KMeansConstrained costs Euclidean distances rounded to 1e-3); k-means++ init; later Lloyd steps "
+              "warm-started by cancelling negative exchange cycles, the solver when that does not settle")
+
+
+def _sq_dists(X: np.ndarray, x2: np.ndarray, C: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (n, k) of the rows of X (squared norms ``x2``) to the rows of C:
+    ``||x||^2 - 2 x c^T + ||c||^2``, clipped at 0."""
+    D = X @ C.T
+    D *= -2.0
+    D += x2[:, None]
+    D += np.einsum("ij,ij->i", C, C)[None, :]
+    return np.maximum(D, 0.0, out=D)
+
+
+def _kmeans_pp(X: np.ndarray, x2: np.ndarray, gram: np.ndarray | None, k: int,
+               rng: np.random.Generator) -> np.ndarray:
+    """Greedy k-means++ seeding as sklearn's (KMeansConstrained's): the first centre uniform, then per centre
+    ``2 + int(log k)`` candidates drawn with probability ~ D^2 and the one lowering the potential most kept.
+    ``gram`` (X X^T, optional) turns every distance to candidate points into a gather."""
+    n = X.shape[0]
+    trials = 2 + int(np.log(k))
+
+    def dists(idx):
+        if gram is None:
+            return _sq_dists(X, x2, X[idx])
+        return np.maximum(x2[:, None] - 2.0 * gram[idx].T + x2[idx][None, :], 0.0)
+
+    idx = np.empty(k, dtype=np.int64)
+    idx[0] = rng.integers(n)
+    closest = dists(idx[:1])[:, 0]
+    for c in range(1, k):
+        cum = np.cumsum(closest)
+        cand = np.minimum(np.searchsorted(cum, rng.random(trials) * cum[-1], side="right"), n - 1)
+        d = np.minimum(dists(cand), closest[:, None])
+        best = int(np.argmin(d.sum(0)))
+        idx[c], closest = cand[best], d[:, best]
+    return X[idx].copy()
+
+
+def _balanced_assign(D: np.ndarray, n_e: int) -> np.ndarray:
+    """The exact min-cost assignment (labels) of the n = k * n_e points to k clusters of exactly n_e members, costs
+    D (n, k): a linear sum assignment on the (n, n) matrix repeating each cluster's column n_e times (the problem
+    KMeansConstrained solves as a min-cost flow). No solver when every point's nearest centre gives equal sizes."""
+    nearest = D.argmin(1)
+    if np.bincount(nearest, minlength=D.shape[1]).max() == n_e:
+        return nearest
+    from scipy.optimize import linear_sum_assignment
+
+    _, cols = linear_sum_assignment(np.repeat(D, n_e, axis=1))
+    return cols // n_e
+
+
+def _negative_cycle(W: np.ndarray, eps: float):
+    """A cycle of clusters ``[a0, a1, ..., a_m]`` (edges a_i -> a_i+1 -> a0) of weight < -eps in the complete graph
+    of edge weights W (k, k); None when there is none (Bellman-Ford from a virtual source settles: every edge then
+    has reduced cost >= -eps); False when undecided (the caller falls back to the exact solver)."""
+    k = len(W)
+    dist, pred, cols = np.zeros(k), np.full(k, -1), np.arange(k)
+    for _ in range(k + 1):
+        cand = dist[:, None] + W
+        arg = cand.argmin(0)
+        m = cand[arg, cols]
+        upd = m < dist - eps
+        if not upd.any():
+            return None
+        dist[upd], pred[upd] = m[upd], arg[upd]
+        u, seen, path = int(np.flatnonzero(upd)[0]), {}, []
+        while u != -1 and u not in seen:  # a cycle among the predecessors is a negative cycle
+            seen[u] = len(path)
+            path.append(u)
+            u = int(pred[u])
+        if u != -1:
+            cyc = path[seen[u]:][::-1]  # pred[x] -> x, forwards
+            if sum(W[a, b] for a, b in zip(cyc, cyc[1:] + cyc[:1])) < -eps:
+                return cyc
+            return False
+    return False
+
+
+def _cycle_cancel(D: np.ndarray, labels: np.ndarray, n_e: int, max_cycles: int = 32, eps: float = 1e-10):
+    """Warm start of the assignment step from balanced ``labels``: an equal-size assignment is optimal iff no cyclic
+    exchange (one point moving along each edge a -> b of a cycle of clusters, sizes kept) lowers the cost, i.e. iff
+    the cluster graph ``W[a, b] = min_{x in a} D[x, b] - D[x, a]`` has no negative cycle (the residual graph of the
+    min-cost flow). Cancels such cycles; returns (labels, True) once there is none (optimal), (labels, False) when
+    ``max_cycles`` did not settle it or the search was undecided."""
+    n, k = D.shape
+    labels = labels.copy()
+    for cancelled in range(max_cycles + 1):
+        order = np.argsort(labels, kind="stable")  # cluster a's members: order[a*n_e:(a+1)*n_e]
+        G = (D[order] - D[order, labels[order]][:, None]).reshape(k, n_e, k)
+        arg = G.argmin(1)  # (k, k): the member of a cheapest to move to b
+        W = np.take_along_axis(G, arg[:, None, :], 1)[:, 0]
+        cyc = _negative_cycle(W, eps)
+        if cyc is None:
+            return labels, True
+        if cyc is False or cancelled == max_cycles:
+            return labels, False
+        for a, b in zip(cyc, cyc[1:] + cyc[:1]):
+            labels[order[a * n_e + arg[a, b]]] = b
+    return labels, False
+
+
+def _centres(X: np.ndarray, labels: np.ndarray, k: int, n_e: int) -> np.ndarray:
+    return X[np.argsort(labels, kind="stable")].reshape(k, n_e, X.shape[1]).mean(1)
+
+
+def _balanced_kmeans_single(X, x2, gram, k, n_e, rng, max_iter, tol):
+    def assign(D, prev):
+        if prev is not None:
+            labels, optimal = _cycle_cancel(D, prev, n_e)
+            if optimal:
+                return labels
+        return _balanced_assign(D, n_e)
+
+    C = _kmeans_pp(X, x2, gram, k, rng)
+    D = _sq_dists(X, x2, C)
+    labels, shift, it = None, np.inf, 0
+    for it in range(1, max_iter + 1):
+        new = assign(D, labels)
+        if labels is not None and np.array_equal(new, labels):
+            shift = 0.0  # the assignment stopped changing: C is its members' means already
+            break
+        labels = new
+        C_new = _centres(X, labels, k, n_e)
+        shift = float(((C_new - C) ** 2).sum())
+        C = C_new
+        D = _sq_dists(X, x2, C)
+        if shift <= tol:
+            break
+    if shift > 0:
+        labels = assign(D, labels)  # as KMeansConstrained: the final labels are the assignment to the final centres
+    return labels, float(D[np.arange(len(labels)), labels].sum()), it
+
+
+def balanced_kmeans(X: np.ndarray, n_clusters: int, seed: int = 0, n_init: int = 10, max_iter: int = 300,
+                    tol: float = 1e-4) -> tuple[np.ndarray, float, int]:
+    """Balanced k-means of the rows of X (n, d) into ``n_clusters`` clusters of exactly n / n_clusters rows.
+    ``n_init`` restarts (sub-seeds drawn from ``np.random.default_rng(seed)``), each: k-means++ seeding, Lloyd
+    iterations (at most ``max_iter``) alternating the exact equal-size assignment for squared distances (the first by
+    ``scipy.optimize.linear_sum_assignment``, later ones warm-started by ``_cycle_cancel``, the solver when that does
+    not settle) and the members' means; stops as sklearn when the centres' squared shift is <= tol x the mean
+    per-feature variance of X, or when the assignment no longer changes. Returns (labels, inertia, Lloyd
+    iterations) of the restart of lowest inertia (the first on ties)."""
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    n = X.shape[0]
+    if n_clusters < 1 or n % n_clusters:
+        raise BenchError(f"dsti: balanced k-means of {n} rows into {n_clusters} clusters of equal size is impossible; "
+                         f"pass a divisor of {n} as dsti.n_experts")
+    n_e = n // n_clusters
+    if n_clusters == 1 or n_e == 1:
+        labels = np.zeros(n, np.int64) if n_clusters == 1 else np.arange(n, dtype=np.int64)
+        return labels, float(((X - X.mean(0)) ** 2).sum()) if n_clusters == 1 else 0.0, 0
+    x2 = np.einsum("ij,ij->i", X, X)
+    gram = X @ X.T if n <= 8192 else None  # k-means++ distances to candidate rows, shared by the restarts
+    tol_abs = tol * float(np.mean(np.var(X, axis=0)))
+    best = None
+    for s in np.random.default_rng(seed).integers(0, 2 ** 63 - 1, size=max(1, n_init)):
+        res = _balanced_kmeans_single(X, x2, gram, n_clusters, n_e, np.random.default_rng(int(s)), max_iter, tol_abs)
+        if best is None or res[1] < best[1]:
+            best = res
+    return np.asarray(best[0], dtype=np.int64), best[1], best[2]
+
+
 def expert_perm(W1: torch.Tensor, n_experts: int, split: str = "kmeans", seed: int = 0, n_init: int = 10,
                 max_iter: int = 300) -> torch.Tensor:
     """A permutation of the d_ff hidden units: expert e owns ``perm[e*n_e:(e+1)*n_e]`` (ascending inside).
-    ``kmeans``: KMeansConstrained(n_clusters=E, size_min=size_max=n_e) of the unit-normalised rows of W1
-    (d_ff, d) (spec §2.4); cluster ids are ordered by their smallest unit. ``random``: a seeded permutation."""
+    ``kmeans``: ``balanced_kmeans`` (E clusters of exactly n_e; KMeansConstrained(n_clusters=E,
+    size_min=size_max=n_e)'s problem, our solver) of the unit-normalised rows of W1 (d_ff, d) (spec §2.4); cluster
+    ids are ordered by their smallest unit. ``random``: a seeded permutation."""
     d_ff = W1.shape[0]
     if d_ff % n_experts:
         raise BenchError(f"dsti: n_experts={n_experts} does not divide d_ff={d_ff}; pass a divisor as dsti.n_experts")
@@ -232,11 +402,6 @@ def expert_perm(W1: torch.Tensor, n_experts: int, split: str = "kmeans", seed: i
     if split == "random":
         g = torch.Generator().manual_seed(seed)
         return torch.randperm(d_ff, generator=g)
-    try:
-        from k_means_constrained import KMeansConstrained
-    except ImportError:
-        raise BenchError("dsti: split=kmeans needs k-means-constrained: pip install k-means-constrained "
-                         "(or pass dsti.split=random, the ablation)") from None
     X = W1.detach().double().cpu().numpy()
     X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     if n_experts == 1:
@@ -244,9 +409,7 @@ def expert_perm(W1: torch.Tensor, n_experts: int, split: str = "kmeans", seed: i
     elif n_e == 1:
         labels = np.arange(d_ff)
     else:
-        km = KMeansConstrained(n_clusters=n_experts, size_min=n_e, size_max=n_e, random_state=seed, n_init=n_init,
-                               max_iter=max_iter)
-        labels = np.asarray(km.fit_predict(X), dtype=np.int64)
+        labels = balanced_kmeans(X, n_experts, seed=seed, n_init=n_init, max_iter=max_iter)[0]
     return perm_from_labels(labels, n_experts)
 
 
@@ -827,6 +990,8 @@ class DSTI(Method):
                                "router 2*d*w + 2*w*E; other Linears 2*in*out, attention cores their flops(); "
                                "padding tokens counted (spec 2.7), valid-token numbers beside",
         }
+        if cfg.split == "kmeans":  # how the split is computed, not a deviation of the algorithm
+            out["implementation_notes"] = [SPLIT_NOTE]
         out.update({k: v for k, v in self.facts.items()})
         return out
 
