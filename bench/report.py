@@ -208,8 +208,12 @@ def _task_metric(t: pd.DataFrame) -> tuple[str, bool]:
     return metric, hib
 
 
-def fastest(t: pd.DataFrame, mask: pd.Series) -> tuple[str | None, float]:
-    """Among the rows ``mask`` of one task: the label with the lowest mean step time, and that time."""
+def fastest(t: pd.DataFrame, mask: pd.Series, hardware_of: pd.Series | None = None) -> tuple[str | None, float]:
+    """Among the rows ``mask`` of one task: the label with the lowest mean step time, and that time.
+    ``hardware_of`` (a row mask): only rows measured on the GPUs of those rows count, so a step time is never divided
+    by one measured on other hardware (a task may hold records of several machines)."""
+    if hardware_of is not None:
+        mask = mask & t.gpu.isin(t[hardware_of].gpu.unique())
     g = t[mask].groupby("label", sort=True).step_ms.mean().dropna()
     return (g.idxmin(), float(g.min())) if len(g) else (None, math.nan)
 
@@ -364,7 +368,10 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
         g = t.groupby("label").agg(step=("step_ms", "mean"), dense=("dense", "any"),
                                    family=("family", lambda x: x.iloc[0] or "?"))
         best_label, best = fastest(t, t.dense)
+        one_gpu = t.gpu.nunique() == 1
         for i, lab in enumerate(labs):
+            if not one_gpu:  # each label against the fastest dense on its own hardware
+                _, best = fastest(t, t.dense, hardware_of=t.label == lab)
             if not is_missing(best) and not is_missing(g.step[lab]):
                 r = g.step[lab] / best
                 ax.barh(i, r, 0.7, color=fam_color[g.family[lab]])
@@ -374,7 +381,8 @@ def _run_figures(df: pd.DataFrame, suite: str, scale: str, figdir: Path) -> list
         ax.set_ylim(rows_h - 0.5, -0.5)  # first method on top; panels of one height
         ax.margins(x=0.18)
         ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(f"{task} (1 = {best_label})" if best_label else task, fontsize=8)
+        ax.set_title(f"{task} (1 = {best_label})" if best_label and one_gpu else
+                     f"{task} (1 = fastest dense on the same GPU)" if best_label else task, fontsize=8)
         if idx // ncols == nrows - 1 or idx + ncols >= len(tasks):
             ax.set_xlabel("train step time / fastest dense", fontsize=8)
     for idx in range(len(tasks), nrows * ncols):
@@ -390,8 +398,8 @@ def _step_vs_length(s: pd.DataFrame, suite: str, scale: str, figdir: Path) -> li
     """Train step time relative to each task's fastest dense method vs that task's sequence length."""
     pts = []
     for task, t in s[s.max_len.notna()].groupby("task", sort=True):
-        _, dense_ms = fastest(t, t.dense)
         for label, g in t.groupby("label", sort=True):
+            _, dense_ms = fastest(t, t.dense, hardware_of=t.label == label)
             if not is_missing(dense_ms) and g.step_ms.notna().any():
                 pts.append((label, int(g.max_len.iloc[0]), task, g.step_ms.mean() / dense_ms))
     p = pd.DataFrame(pts, columns=["label", "L", "task", "ratio"]).sort_values(["label", "L", "task"])
@@ -603,8 +611,10 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
                   "relative to their mean: runs are separate trainings, so a step-time ratio within a few times "
                   "that spread of 1 is not a difference; for attention alone see the kernels report.\n")
         for task, t in s.groupby("task", sort=True):
-            md.append(f"#### {task}\n")
-            md.append(_efficiency(t, extra))
+            by_gpu = list(t.groupby("gpu", sort=True))
+            for gpu, tg in by_gpu:  # ratios only between runs on the same hardware
+                md.append(f"#### {task}" + (f" ({gpu})" if len(by_gpu) > 1 else "") + "\n")
+                md.append(_efficiency(tg, extra))
         figs = _step_vs_length(s, suite, scale, figdir)
         written += figs
         md += [figure_links(figs)] if figs else []

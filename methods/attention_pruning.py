@@ -1023,7 +1023,7 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
     for task, t in s[s.task.isin(s[mine].task)].groupby("task", sort=True):
         ours = t.method.isin(ctx.methods)
         main, hib = R._task_metric(t)
-        dense_lab, dense_ms = R.fastest(t, t.dense)
+        dense_lab, dense_ms = R.fastest(t, t.dense, hardware_of=ours)
         dvals = [m.get(main) for lab, m in zip(t.label, t.metrics) if lab == dense_lab and m.get(main) is not None]
         dense_val = float(np.mean(dvals)) if dvals else None
         md.append(f"#### {task}\n")

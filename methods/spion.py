@@ -494,8 +494,8 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
     written, ckpt_note = [], False
     for task, t in s[s.task.isin(s[mine].task)].groupby("task", sort=True):
         ours, fixed = t.method.isin(ctx.methods), t.family.eq("fixed_pattern")
-        dense_lab, dense_ms = R.fastest(t, t.dense)
-        fixed_lab, fixed_ms = R.fastest(t, fixed)
+        dense_lab, dense_ms = R.fastest(t, t.dense, hardware_of=ours)
+        fixed_lab, fixed_ms = R.fastest(t, fixed, hardware_of=ours)
         fixed_d = R.mean_density(t[t.label == fixed_lab].density) if fixed_lab else math.nan
         md.append(f"#### {task}\n")
         md.append(f"Fastest dense: {f'**{dense_lab}** ({R.fmt_num(dense_ms)} ms/step)' if dense_lab else 'none measured'}; "

@@ -408,3 +408,21 @@ def test_summary_table_compares_with_the_fastest_dense(tmp_path):
     bigbird = next(line for line in text.splitlines() if line.startswith("| bigbird"))
     assert "0.50×" in bigbird and "0.188" in bigbird  # 5 ms vs 10 ms; mean density of [0.25, 0.125]
     assert "ratios to dense" in text
+
+
+def test_step_time_ratios_never_cross_hardware(tmp_path):
+    # an old dense record measured on another GPU (faster) must not become the reference of the new runs
+    old_dense = _lra_cfg(0, 36.0)
+    new_dense, new_sparse = _lra_cfg(1, 37.0), _lra_cfg(1, 35.0, method="bigbird")
+    old_dense.measurements = {**old_dense.measurements, "train_step_ms_median": 2.0}
+    for r in (new_dense, new_sparse):
+        r.env = {**ENV, "gpu": "NVIDIA H200"}
+    new_dense.config_hash, new_sparse.config_hash = "new-d", "new-s"
+    results = tmp_path / "results"
+    _write(results, [old_dense, new_dense, new_sparse])
+    render_reports(results, tmp_path / "rep")
+    eff = (tmp_path / "rep" / "lra.md").read_text().split("### Efficiency")[1]
+    h200 = eff.split("#### listops (NVIDIA H200)")[1].split("####")[0]
+    assert "#### listops (NVIDIA H100 80GB HBM3)" in eff
+    row = next(line for line in h200.splitlines() if line.startswith("| bigbird"))
+    assert "0.50×" in row  # 5 ms / the H200 dense's 10 ms, not / the H100 dense's 2 ms
