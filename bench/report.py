@@ -601,7 +601,7 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
             md.append(f"{DAGGER} Reduced budget (not the paper setup):\n")
             md.append("".join(f"- {note} ({', '.join(sorted(cells))})\n" for note, cells in sorted(notes.items())))
         if s.groupby(["task", "label"]).seed.apply(lambda x: x.duplicated().any()).any():
-            md.append(f"{DDAGGER} Several records share a seed (configs differ); all of them are averaged.\n")
+            md.append(f"{DDAGGER} Several records (separate runs) share a seed; all of them are averaged.\n")
         figs = _run_figures(s, suite, scale, figdir)
         written += figs
         md.append(figure_links(figs))
@@ -884,6 +884,30 @@ def _errata_section(recs: list[dict], errata: list[dict]) -> list[str]:
     return out + [""]
 
 
+def _without_copies(recs: list[dict]) -> list[dict]:
+    """Each run once: a file that holds the same run record as another (task, method, scale, seed, config hash and
+    date all equal: a copy or a rename of one measurement, not a second run) is left out with a one-line warning,
+    so it is never averaged twice. The file whose name is the record's own name is the one kept."""
+    from bench.records import record_filename
+
+    def own_name(r):
+        return Path(r["_path"]).name == record_filename(r["task"], r["method"], r["scale"], r["seed"],
+                                                        r["config_hash"])
+
+    kept: dict[tuple, dict] = {}
+    for r in sorted(recs, key=lambda r: (r.get("kind") != "run" or not own_name(r), r["_path"])):
+        if r.get("kind") != "run":
+            kept[("path", r["_path"])] = r
+            continue
+        key = (r["task"], r["method"], r["scale"], r["seed"], r["config_hash"], r.get("date"))
+        if key in kept:
+            print(f"warning: skipping {r['_path']}: a copy of {kept[key]['_path']} (the same run: {r['task']} "
+                  f"{r['method']} seed {r['seed']}, recorded {r.get('date')}); counted once")
+            continue
+        kept[key] = r
+    return sorted(kept.values(), key=lambda r: r["_path"])
+
+
 def render_reports(results_dir: Path, reports_dir: Path,
                    task_reference: dict[str, dict[str, float]] | None = None,
                    suite_tasks: dict[str, dict[str, str | None]] | None = None,
@@ -898,7 +922,7 @@ def render_reports(results_dir: Path, reports_dir: Path,
     figdir = reports_dir / "figures"
     by_suite: dict[str, list[dict]] = {}
     errata, errata_problem = _load_errata(results_dir)
-    for rec in load_records(results_dir) if results_dir.exists() else []:
+    for rec in _without_copies(load_records(results_dir) if results_dir.exists() else []):
         _mark_erratum(rec, results_dir, errata)
         by_suite.setdefault(_suite_of(rec, results_dir), []).append(rec)
     written: list[Path] = []

@@ -388,6 +388,36 @@ def test_a_nan_main_metric_left_out_of_mean_and_n_is_said(tmp_path):
     assert "left out of the mean and of (n): listops / dense [sdpa]: 1 of 3" in quality
 
 
+def test_a_copy_of_a_record_under_another_name_is_counted_once(tmp_path, capsys):
+    """A record copied to another run's name (seed 0's file as seed 1's) used to be averaged twice, marked as if
+    two runs' configs differed."""
+    import shutil
+
+    results = tmp_path / "results"
+    r0 = _lra_cfg(0, 36.0)
+    _write(results, [r0, _lra_cfg(2, 40.0)])
+    src = results / "lra" / record_filename(r0.task, r0.method, r0.scale, 0, r0.config_hash)
+    copy = results / "lra" / record_filename(r0.task, r0.method, r0.scale, 1, "c1100")
+    shutil.copy(src, copy)
+    shutil.copy(src, results / "lra" / "backup.json")
+    render_reports(results, tmp_path / "rep")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning: skipping")]
+    assert len(warnings) == 2 and all(f"a copy of {src}" in w and "counted once" in w for w in warnings)
+    quality = (tmp_path / "rep" / "lra.md").read_text().split("### Quality")[1].split("### Efficiency")[0]
+    row = next(line for line in quality.splitlines() if line.startswith("| dense"))
+    assert "38.00 ± 2.83 (2)" in row and "‡" not in row
+    # two separate runs of one seed (another date) are both kept, and marked
+    twin = _lra_cfg(0, 30.0)
+    twin.date = "2025-02-01T00:00:00+00:00"
+    write_record(twin, results / "lra" / "other_box" / src.name)
+    copy.unlink()
+    (results / "lra" / "backup.json").unlink()
+    render_reports(results, tmp_path / "rep2")
+    quality = (tmp_path / "rep2" / "lra.md").read_text().split("### Quality")[1].split("### Efficiency")[0]
+    assert "(3) ‡" in next(line for line in quality.splitlines() if line.startswith("| dense"))
+    assert "Several records (separate runs) share a seed" in quality
+
+
 def test_render_only_the_asked_suites(tmp_path):
     results = tmp_path / "results"
     _write(results, [_lra_cfg(0, 36.0)])
@@ -426,3 +456,50 @@ def test_step_time_ratios_never_cross_hardware(tmp_path):
     assert "#### listops (NVIDIA H100 80GB HBM3)" in eff
     row = next(line for line in h200.splitlines() if line.startswith("| bigbird"))
     assert "0.50×" in row  # 5 ms / the H200 dense's 10 ms, not / the H100 dense's 2 ms
+
+
+# ----------------------------------------------------------------------------- figures readable at a glance (issue 11)
+
+def test_figures_stay_readable_with_many_tasks_methods_and_lines(tmp_path, monkeypatch):
+    """The step-time figure of 4 tasks x 9 methods is small multiples, not a 4621x421 strip, and its legend covers
+    no panel; the kernel speedup figure with 16 lines (4 patterns x 4 densities) uses one colour per density and
+    one marker per pattern (it used 16 similar colours)."""
+    import bench.report
+    from matplotlib.colors import to_hex
+
+    figs = {}
+    save = bench.report.save_figure
+    monkeypatch.setattr(bench.report, "save_figure", lambda fig, d, name: figs.setdefault(name, fig) and save(fig, d, name))
+    results = tmp_path / "results"
+    methods = ["dense", "bigbird", "local", "longformer", "strided", "spion_c", "spion_f", "spion_cf", "flexish"]
+    for task in ("listops", "text", "image", "pathfinder"):
+        for i, method in enumerate(methods):
+            rec = _run(task, method if method == "dense" else "bigbird", 0, 40.0)
+            rec.method, rec.config_hash = method, f"h{method}"
+            rec.measurements["train_step_ms_median"] = 5.0 + i
+            write_record(rec, results / "lra" / record_filename(task, method, "small", 0, rec.config_hash))
+    sweep = _sweep()
+    rows = [r for r in sweep.measurements["rows"] if r["kernel"] != "block_sparse_triton"]
+    for L in (4096, 16384):
+        for pattern in ("random", "local", "bigbird", "strided"):
+            for d in (0.1, 0.25, 0.5, 0.75):
+                rows.append(dict(kernel="block_sparse_triton", pattern=pattern, density=d, density_target=d, L=L, D=64,
+                                 B=1, H=16, dtype="bf16", fwd_ms=0.6 * d * L / 4096, fwdbwd_ms=2.4 * d * L / 4096,
+                                 lut_build_ms=0.01, fwd_tflops_eff=300.0, fwdbwd_tflops_eff=250.0))
+    sweep.measurements["rows"] = rows
+    write_record(sweep, results / "kernels" / "attention__sweep__paper__s0__k0.json")
+    render_reports(results, tmp_path / "rep")
+
+    step = figs["lra_small_step_time"]
+    w, h = step.get_size_inches()
+    assert w / h <= 3.5 and w <= 12, (w, h)
+    step.canvas.draw()
+    panels = [ax.get_window_extent() for ax in step.axes if ax.get_visible()]
+    assert len(panels) == 4
+    for legend in step.legends:
+        box = legend.get_window_extent()
+        assert not any(box.overlaps(p) for p in panels), "the legend covers a panel"
+    speed = next(f for n, f in figs.items() if n.endswith("speedup_vs_l"))
+    lines = [ln for ax in speed.axes for ln in ax.get_lines() if ln.get_marker() not in ("None", None, "")]
+    assert len(lines) >= 16
+    assert len({to_hex(ln.get_color()) for ln in lines}) == 4 and len({ln.get_marker() for ln in lines}) == 4

@@ -142,3 +142,45 @@ def test_task_scoped_overrides_apply_to_that_task_only():
     o = ["lra_listops.train.steps=7"]
     assert build_run_config("lra_listops", MethodSpec("eager"), "tiny", 0, "cpu", o).train.steps == 7
     assert build_run_config("lra_pathfinder", MethodSpec("eager"), "tiny", 0, "cpu", o).train.steps != 7
+
+
+def test_without_a_terminal_each_run_says_it_starts_with_an_eta_and_a_busy_cpu_is_named(tmp_path, monkeypatch,
+                                                                                          capsys):
+    """No progress bar outside a terminal: one '[k/N] ...: running' line per run, from the second run on with an
+    estimate of the time left; a busy CPU (load average above the cores) is said once, before the first run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    monkeypatch.setattr(os, "getloadavg", lambda: (4.0 * cores, 0.0, 0.0))
+    args = ["--suite", "lra", "--tasks", "listops", "--methods", "eager", "--seeds", "0", "1", "--no-progress",
+            "--out", str(tmp_path / "r"), *TINY]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    running = [line for line in lines if line.endswith(" left") or line.endswith(": running")]
+    assert [line.split(":")[0] for line in running] == ["[1/2] lra_listops eager seed 0", "[2/2] lra_listops eager seed 1"]
+    assert running[0].endswith(": running") and "; about " in running[1] and running[1].endswith(" left")
+    busy = [i for i, line in enumerate(lines) if line.startswith("note: the CPUs are busy")]
+    assert len(busy) == 1 and busy[0] < lines.index(running[0]) and "not comparable" in lines[busy[0]]
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert main([*args, "--resume"]) == 0
+    assert "busy" not in capsys.readouterr().out
+
+
+def test_run_all_limits_cpu_threads_to_the_cores_it_may_use(tmp_path):
+    """run_all.py sets OMP_NUM_THREADS (and torch's intra-op threads) to the cores of its affinity mask, unless the
+    user set OMP_NUM_THREADS; checked with the CLI's main() replaced, so nothing runs."""
+    import subprocess
+    import sys
+
+    if not hasattr(os, "sched_setaffinity"):
+        pytest.skip("needs CPU affinity (Linux)")
+    probe = ("import os, runpy, sys, bench.cli, torch; "
+             "bench.cli.main = lambda: print(os.environ['OMP_NUM_THREADS'], torch.get_num_threads()) or 0; "
+             "sys.argv = ['run_all.py']; runpy.run_path('run_all.py', run_name='__main__')")
+    one_core = min(os.sched_getaffinity(0))
+    for env_threads, want in ((None, "1 1"), ("3", "3 3")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        if env_threads:
+            env["OMP_NUM_THREADS"] = env_threads
+        r = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=300, preexec_fn=lambda: os.sched_setaffinity(0, {one_core}))
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == want.split(), (env_threads, r.stdout, r.stderr)
