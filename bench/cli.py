@@ -78,8 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", help="task names (short names like 'listops' resolve within --suite)")
     p.add_argument("--methods", nargs="+", help="method names, optionally with config overrides: "
                    "'dense:backend=flash'. Default: dense and flex plus every sparse method made for the suite")
-    p.add_argument("--scale", choices=["auto", "tiny", "small", "paper"], default="auto",
-                   help="budget preset; auto = small on a GPU, tiny on CPU")
+    p.add_argument("--scale", choices=["auto", "tiny", "small", "paper", "published"], default="auto",
+                   help="budget preset; auto = small on a GPU, tiny on CPU; paper = the method paper's setup (LRA: "
+                   "SPION's table); published = LRA only, the PyTorch re-runs' lineage (Nystromformer config) that "
+                   "reaches the published accuracy")
     p.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds to run (default: 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--data-dir", type=Path, help="offline data root holding e.g. lra_listops/, wikitext2/, glue/")
@@ -160,6 +162,9 @@ def build_run_config(task_name: str, spec: MethodSpec, scale: str, seed: int, de
 
     task_cls = registry.get_task(task_name)
     method_cls = registry.get_method(spec.name)
+    problem = scale_problem(task_cls, task_name, scale)
+    if problem:
+        raise BenchError(problem)
     model_cfg, data_cfg, train_cfg, notes = task_cls.presets(scale)
     ctx = MethodContext(task=task_name, suite=getattr(task_cls, "suite", None), scale=scale, model=model_cfg,
                         data=data_cfg)
@@ -431,6 +436,12 @@ def plan_runs(args) -> Plan:
     runs = []
     for t in tasks:
         task_cls = registry.get_task(t)
+        reason = scale_problem(task_cls, t, scale)
+        if reason:
+            if explicit and not tour:
+                raise BenchError(reason)
+            skipped.append((t, reason.split(": ", 1)[1]))
+            continue
         if getattr(task_cls, "KIND", "run") == "run":
             reason = task_cls.data_available(args.data_dir, scale)
             if reason:
@@ -472,6 +483,17 @@ def plan_runs(args) -> Plan:
         why = "; ".join(f"{what}: {reason}" for what, reason in skipped) or "no task or method selected"
         raise BenchError(f"nothing to run: every selected run was skipped ({why})")
     return Plan(scale, device, explicit, runs, skipped, messages, tour)
+
+
+def scale_problem(task_cls, name: str, scale: str) -> str | None:
+    """``"<task>: <why>"`` if the task has no preset of ``scale`` (``Task.SCALES``), else None."""
+    from bench.config import SCALE_HELP
+
+    have = tuple(getattr(task_cls, "SCALES", ("tiny", "small", "paper")))
+    if scale in have:
+        return None
+    return (f"{name}: no '{scale}' scale (its scales: {', '.join(have)}); '{scale}' is "
+            f"{SCALE_HELP.get(scale, 'not a scale of this task')}")
 
 
 _DEVICE_CHECKED: dict[tuple, str | None] = {}
@@ -712,8 +734,11 @@ def budget_overrides(cfg, preset) -> list[str]:
 
 
 def _note_budget_overrides(record, cfg, task_name, spec, scale) -> None:
-    """The budget note is the preset's; overrides that changed the budget are added to it (and a paper-scale run
-    with such overrides is a reduced budget). The config hash is not touched: the note lives in the record only."""
+    """The budget note is the preset's; overrides that changed the budget are added to it (and a paper- or
+    published-scale run with such overrides is a reduced budget). The config hash is not touched: the note lives in
+    the record only."""
+    from bench.config import FULL_BUDGET_SCALES
+
     try:
         preset = build_run_config(task_name, spec, scale, cfg.seed, cfg.device, [])
     except BenchError:
@@ -724,7 +749,7 @@ def _note_budget_overrides(record, cfg, task_name, spec, scale) -> None:
     note = record.budget.get("note") or ""
     record.budget["note"] = "; ".join(x for x in (note, "overrides: " + ", ".join(changed)) if x)
     record.budget["overrides"] = changed
-    if scale == "paper":
+    if scale in FULL_BUDGET_SCALES:
         record.budget["reduced"] = True
 
 

@@ -3,7 +3,10 @@
 Every run is described by one ``RunConfig``; its fully resolved ``to_dict()`` is embedded in the run's
 record, and ``config_hash`` names the record file, so two runs differing in any setting never collide.
 Scales: ``tiny`` (CPU, minutes; used by tests and as the default without a GPU), ``small`` (one GPU,
-minutes per run; a reduced budget that records say is reduced), ``paper`` (the published setup).
+minutes per run; a reduced budget that records say is reduced), ``paper`` (the published setup; LRA: SPION's
+table), ``published`` (LRA only: the config lineage of the PyTorch re-runs that reach the published accuracy,
+``benchmarks_and_baselines.md`` 1.2). A task lists the scales it has in ``Task.SCALES``; ``paper`` and
+``published`` are full budgets (``FULL_BUDGET_SCALES``), the others reduced ones.
 
 Validation: a setting with no meaning is a ``BenchError`` naming the key before any work is done. ``TrainConfig``
 checks itself (``__post_init__``); every other section (the task's model and data configs, the method's config)
@@ -27,7 +30,15 @@ from typing import Any
 from bench.errors import BenchError
 
 CONFIG_VERSION = 1
-SCALES = ("tiny", "small", "paper")
+SCALES = ("tiny", "small", "paper", "published")
+FULL_BUDGET_SCALES = ("paper", "published")  # records of these scales are not a reduced budget
+SCALE_HELP = {
+    "tiny": "CPU smoke test, minutes",
+    "small": "one GPU, minutes per run, a reduced budget",
+    "paper": "the published setup of the method's paper (LRA: SPION's table)",
+    "published": "LRA only: the PyTorch re-runs' config lineage (Nystromformer's LRA config) that reaches the "
+                 "published accuracy",
+}
 
 
 @dataclass(frozen=True)

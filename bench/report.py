@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bench.config import SCALES
+from bench.config import SCALE_HELP, SCALES
 from bench.cost_figure import FAMILY_MARKERS, cost_figure, plotted, points_by_task
 from bench.records import atomic_write_text, load_records
 from bench.registry import SUITES
@@ -586,6 +586,9 @@ def _run_sections(recs: list[dict], suite: str, refs: dict, figdir: Path) -> tup
     for scale in _scale_order(df.scale):
         s = df[df.scale == scale]
         md.append(f"## Scale: {scale}\n")
+        if scale == "published":
+            md.append(f"Config lineage: {SCALE_HELP[scale]} (benchmarks_and_baselines.md 1.2), not the `paper` "
+                      "scale's; its runs are never averaged with another scale's.\n")
         md.append("### Quality\n")
         md.append("Main test metric per task, mean ± sample std (ddof=1) over seeds, (n) = number of runs. "
                   "`ref:` rows are published numbers, not runs of this suite.\n")

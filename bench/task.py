@@ -25,6 +25,7 @@ class Task:
     MAIN_METRIC: str = ""
     REFERENCE: dict[str, float] = {}  # published dense numbers for the report: column label -> value
     DATA_FOLDER: str | None = None  # its folder under --data-dir; records fingerprint the files in it
+    SCALES: tuple[str, ...] = ("tiny", "small", "paper")  # the scales ``presets`` knows (``bench.config.SCALES``)
 
     def __init__(self, cfg: Any, data_dir: Path | None = None):
         self.cfg = cfg  # RunConfig
@@ -32,8 +33,8 @@ class Task:
 
     @classmethod
     def presets(cls, scale: str) -> tuple[Any, Any, TrainConfig, tuple[str, ...]]:
-        """(model_cfg, data_cfg, train_cfg, notes) for ``scale``; notes say how the budget differs from
-        the paper's (empty for ``paper``)."""
+        """(model_cfg, data_cfg, train_cfg, notes) for ``scale`` (one of ``SCALES``); notes say how the budget
+        differs from the paper's (empty for ``paper``) or, for ``published``, which lineage it is."""
         raise NotImplementedError
 
     @classmethod

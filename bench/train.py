@@ -30,7 +30,7 @@ import torch
 
 from bench import env as envmod
 from bench.artifacts import ArtifactStore, artifact_key
-from bench.config import RunConfig, TrainConfig
+from bench.config import FULL_BUDGET_SCALES, RunConfig, TrainConfig
 from bench.errors import BenchError
 from bench.measure import PeakMemory, StepTimer, time_inference
 from bench.records import RunRecord
@@ -632,8 +632,8 @@ class Trainer:
             "steps_planned": self.budget,
             "eval_every": cfg.train.eval_every,
             "evals_run": len(self.history),
-            "reduced": cfg.scale != "paper",
-            "note": "; ".join(cfg.notes) if cfg.notes else ("" if cfg.scale == "paper" else f"{cfg.scale} scale"),
+            "reduced": cfg.scale not in FULL_BUDGET_SCALES,
+            "note": "; ".join(cfg.notes) if cfg.notes else ("" if cfg.scale in FULL_BUDGET_SCALES else f"{cfg.scale} scale"),
             "data_notes": list(getattr(task, "data_notes", ())),  # e.g. "generated, not the LRA release"
             "test_examples": int(test.get("n_examples", 0)),
         }

@@ -13,8 +13,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench.config import TrainConfig
 from bench.models.lra_encoder import LRAEncoder, LRAModelConfig
 from bench.task import Task
+
+# ---- the ``published`` scale: the lineage of the PyTorch re-runs (benchmarks_and_baselines.md 1.2) -----------
+# Nystromformer's LRA/code/lra_config.py + run_tasks.py (mlpen/Nystromformer; the Skyformer re-runs use the same
+# architecture): 2 layers, emb 64, FFN 128, 2 heads x 32, learned positions, MEAN pooling after LN(x) * mask,
+# dropout 0.1; AdamW (0.9, 0.999), eps 1e-6, wd 0, no gradient clipping; OneCycleLR(max_lr = lr, pct_start =
+# warmup / steps, linear anneal); eval every ``eval_frequency`` steps on ``num_eval_steps`` dev batches of the
+# training batch size, best dev checkpoint tested. Its padding mask is ``input_ids != 0`` in attention for every
+# task (Image and Pathfinder included: pixel value 0 is masked), and its lengths are padded to a power of two.
+# Per task: (batch, steps, warm-up, eval_frequency, num_eval_steps, lr).
+PUBLISHED_BUDGETS = {
+    "listops": (32, 5000, 1000, 50, 62, 1e-4),
+    "text": (32, 20000, 8000, 500, 781, 1e-4),
+    "retrieval": (32, 30000, 800, 300, 565, 1e-4),
+    "image": (256, 35000, 175, 175, 20, 1e-4),
+    "pathfinder": (256, 62400, 312, 312, 312, 1e-4),
+}
+PUBLISHED_NOTE = (
+    "published lineage: the PyTorch LRA re-runs' config (Nystromformer LRA/code/lra_config.py, "
+    "benchmarks_and_baselines.md 1.2), not SPION's table (scale paper); deviations: bf16 autocast on CUDA where "
+    "the original ran fp16 autocast + GradScaler with attention in fp32, no attention-probability dropout "
+    "(original 0.1)")
+
+
+def published_model(**kw) -> LRAModelConfig:
+    """The 2-layer, 64-dim model of the ``published`` lineage; ``kw``: vocab_size, n_classes, max_len, dual."""
+    base = dict(n_layers=2, d_model=64, d_qkv=64, n_heads=2, d_ff=128, dropout=0.1, pooling="mean",
+                attention_padding_mask=True)
+    return LRAModelConfig(**{**base, **kw})
+
+
+def published_train(task: str) -> TrainConfig:
+    """The ``published`` lineage's training budget of LRA task ``task`` (a key of ``PUBLISHED_BUDGETS``)."""
+    batch, steps, warmup, every, batches, lr = PUBLISHED_BUDGETS[task]
+    return TrainConfig(steps=steps, batch_size=batch, lr=lr, warmup_steps=warmup, schedule="onecycle",
+                       weight_decay=0.0, adam_betas=(0.9, 0.999), adam_eps=1e-6, grad_clip=0.0,
+                       eval_every=every, eval_batches=batches)
 
 
 @dataclass
@@ -29,6 +66,7 @@ class LRASplit:
 
 class LRAClassificationTask(Task):
     ModelConfig = LRAModelConfig
+    SCALES = ("tiny", "small", "paper", "published")
     METRICS = {"accuracy": True}
     MAIN_METRIC = "accuracy"
     SPLITS = ("train", "dev", "test")

@@ -32,6 +32,9 @@ Config lineage
     AdamW eps 1e-6, wd 0, clip by value 1.0, no attention padding mask. ``LRA_ORIGINAL`` = LRA release
     (1 layer, emb 128 / qkv 64 / mlp 128, 8 heads, CLS, batch 256, 35 000 steps (200 epochs), lr 5e-4,
     1 epoch linear warm-up then cosine decay).
+    ``published`` = the PyTorch re-runs' lineage (``tasks.lra.common``; Nystromformer's LRA config): 2 layers,
+    d 64, FFN 128, 2 heads x 32, MEAN, vocab 512, batch 256, lr 1e-4, OneCycle with 175 warm-up steps, 35 000 steps,
+    eval every 175 steps on 20 dev batches, no clipping, padding mask (pixel 0) in attention.
 """
 from __future__ import annotations
 
@@ -50,7 +53,8 @@ from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
 from bench import hub
 from tasks.lra import _bytes
-from tasks.lra.common import LRAClassificationTask, LRASplit
+from tasks.lra.common import (PUBLISHED_NOTE, LRAClassificationTask, LRASplit, published_model,
+                              published_train)
 
 FOLDER = "lra_image_cifar10"
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -234,6 +238,9 @@ class Image(LRAClassificationTask):
     def presets(cls, scale: str):
         if scale == "paper":
             return PAPER_MODEL, ImageDataConfig(), PAPER_TRAIN, ()
+        if scale == "published":
+            model = published_model(vocab_size=512, n_classes=10, max_len=1024)
+            return model, ImageDataConfig(), published_train("image"), (PUBLISHED_NOTE,)
         if scale == "small":
             train = replace(PAPER_TRAIN, steps=1500, eval_every=250, eval_batches=20)
             return PAPER_MODEL, ImageDataConfig(), train, ("reduced budget: 1500 of 10000 steps",)

@@ -39,6 +39,9 @@ Config lineage
     1 000 warm-up steps, 30 000 steps, AdamW eps 1e-6, wd 0, clip by value 1.0, eval every 500 steps on 62
     dev batches. ``LRA_ORIGINAL`` below is the original LRA release config (4 layers 512/512/1024, 8 heads,
     CLS pooling, L 2000, batch 32, 5 000 steps, lr 0.05 with linear warm-up 1 000 then rsqrt decay).
+    ``published`` = the PyTorch re-runs' lineage (``tasks.lra.common``; Nystromformer's LRA config): 2 layers,
+    d 64, FFN 128, 2 heads x 32, MEAN, L 2048, batch 32, lr 1e-4, OneCycle with 1 000 warm-up steps, 5 000 steps,
+    eval every 50 steps on 62 dev batches, no clipping.
 """
 from __future__ import annotations
 
@@ -58,7 +61,8 @@ from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
 from tasks.lra import _bytes
-from tasks.lra.common import LRAClassificationTask, LRASplit
+from tasks.lra.common import (PUBLISHED_NOTE, LRAClassificationTask, LRASplit, published_model,
+                              published_train)
 
 # ---- vocabulary ------------------------------------------------------------------------------
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")  # FIRST/LAST exist in LRA but are disabled
@@ -336,6 +340,9 @@ class ListOps(LRAClassificationTask):
     def presets(cls, scale: str):
         if scale == "paper":
             return PAPER_MODEL, ListOpsDataConfig(), PAPER_TRAIN, ()
+        if scale == "published":
+            model = published_model(vocab_size=32, n_classes=10, max_len=2048)
+            return model, ListOpsDataConfig(), published_train("listops"), (PUBLISHED_NOTE,)
         if scale == "small":
             train = replace(PAPER_TRAIN, steps=2000, batch_size=64, warmup_steps=100, eval_every=250, eval_batches=20)
             data = ListOpsDataConfig(n_train=20000)

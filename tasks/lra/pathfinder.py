@@ -44,6 +44,10 @@ Config lineage
     every 500 steps on 156 dev batches, AdamW eps 1e-6, wd 0, clip by value 1.0, no attention padding mask.
     ``LRA_ORIGINAL`` = LRA release (4 layers, emb 32 / qkv 16 / mlp 32, 4 heads, MEAN, batch 512,
     62 400 steps (200 epochs), lr 1e-3, 1 epoch (312 steps) linear warm-up then cosine decay).
+    ``published`` = the PyTorch re-runs' lineage (``tasks.lra.common``; Nystromformer's LRA config): 2 layers,
+    d 64, FFN 128, 2 heads x 32, MEAN, vocab 512, batch 256, lr 1e-4, OneCycle with 312 warm-up steps, 62 400 steps,
+    eval every 312 steps on 312 dev batches (more than the 20 000 dev images: the original cycles through dev,
+    here the whole dev split is evaluated), no clipping, padding mask (pixel 0) in attention.
 """
 from __future__ import annotations
 
@@ -61,7 +65,8 @@ from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
 from tasks.lra import _bytes
-from tasks.lra.common import LRAClassificationTask, LRASplit
+from tasks.lra.common import (PUBLISHED_NOTE, LRAClassificationTask, LRASplit, published_model,
+                              published_train)
 
 FOLDER = "lra_pathfinder"
 SUBDIR = Path("pathfinder32") / "curv_contour_length_14"
@@ -406,6 +411,9 @@ class Pathfinder(LRAClassificationTask):
     def presets(cls, scale: str):
         if scale == "paper":
             return PAPER_MODEL, PathfinderDataConfig(), PAPER_TRAIN, ()
+        if scale == "published":
+            model = published_model(vocab_size=512, n_classes=2, max_len=1024)
+            return model, PathfinderDataConfig(), published_train("pathfinder"), (PUBLISHED_NOTE,)
         if scale == "small":
             train = replace(PAPER_TRAIN, steps=2000, batch_size=128, warmup_steps=100, eval_every=250, eval_batches=20)
             data = PathfinderDataConfig(n_train=20000, n_dev=2000, n_test=5000)

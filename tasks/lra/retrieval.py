@@ -22,6 +22,9 @@ Config lineage
     peak lr 3e-4, OneCycle with 800 warm-up steps, 40 000 steps, eval every 200 steps on 300 dev batches,
     AdamW eps 1e-6, wd 0, clip by value 1.0. ``LRA_ORIGINAL`` = LRA release (4 layers 128/128/512, 4 heads,
     CLS, L 4000, batch 32, 5 000 steps, lr 0.05, linear warm-up 8 000 then rsqrt decay).
+    ``published`` = the PyTorch re-runs' lineage (``tasks.lra.common``; Nystromformer's LRA config): 2 layers,
+    d 64, FFN 128, 2 heads x 32, MEAN, L 4096 per document, batch 32, lr 1e-4, OneCycle with 800 warm-up steps,
+    30 000 steps, eval every 300 steps on 565 dev batches, no clipping.
 """
 from __future__ import annotations
 
@@ -35,7 +38,8 @@ from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
 from tasks.lra import _bytes
-from tasks.lra.common import LRAClassificationTask, LRASplit
+from tasks.lra.common import (PUBLISHED_NOTE, LRAClassificationTask, LRASplit, published_model,
+                              published_train)
 
 FOLDER = "lra_retrieval_aan"
 FILE_NAMES = {"train": "new_aan_pairs.train.tsv", "dev": "new_aan_pairs.eval.tsv", "test": "new_aan_pairs.test.tsv"}
@@ -116,6 +120,9 @@ class Retrieval(LRAClassificationTask):
     def presets(cls, scale: str):
         if scale == "paper":
             return PAPER_MODEL, RetrievalDataConfig(), PAPER_TRAIN, ()
+        if scale == "published":
+            model = published_model(vocab_size=512, n_classes=2, max_len=4096, dual=True)
+            return model, RetrievalDataConfig(), published_train("retrieval"), (PUBLISHED_NOTE,)
         if scale == "small":
             train = replace(PAPER_TRAIN, steps=1500, eval_every=250, eval_batches=20)
             notes = ("reduced budget: 1500 of 40000 steps; dev capped to 2000 pairs, periodic dev eval on 20 batches "

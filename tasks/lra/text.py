@@ -25,6 +25,9 @@ Config lineage
     OneCycle with 80 warm-up steps, 30 000 steps, eval every 200 steps on 200 dev batches, AdamW eps 1e-6,
     wd 0, clip by value 1.0. ``LRA_ORIGINAL`` = the LRA release config (4 layers 256/256/1024, 4 heads, CLS,
     L 1000, batch 32, 20 000 steps, lr 0.05, linear warm-up 8 000 then rsqrt decay).
+    ``published`` = the PyTorch re-runs' lineage (``tasks.lra.common``; Nystromformer's LRA config): 2 layers,
+    d 64, FFN 128, 2 heads x 32, MEAN, L 4096 (4000 bytes), batch 32, lr 1e-4, OneCycle with 8 000 warm-up steps,
+    20 000 steps, eval every 500 steps on 781 dev batches, no clipping.
 """
 from __future__ import annotations
 
@@ -44,7 +47,8 @@ from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
 from bench import hub
 from tasks.lra import _bytes
-from tasks.lra.common import LRAClassificationTask, LRASplit
+from tasks.lra.common import (PUBLISHED_NOTE, LRAClassificationTask, LRASplit, published_model,
+                              published_train)
 
 FOLDER = "lra_text_imdb"
 _MEMBER = re.compile(r"(?:^|/)aclImdb/(train|test)/(pos|neg)/(\d+)_(\d+)\.txt$")
@@ -209,6 +213,9 @@ class Text(LRAClassificationTask):
     def presets(cls, scale: str):
         if scale == "paper":
             return PAPER_MODEL, TextDataConfig(), PAPER_TRAIN, ()
+        if scale == "published":
+            model = published_model(vocab_size=512, n_classes=2, max_len=4096)
+            return model, TextDataConfig(), published_train("text"), (PUBLISHED_NOTE,)
         if scale == "small":
             train = replace(PAPER_TRAIN, steps=1500, eval_every=250, eval_batches=20)
             notes = ("reduced budget: 1500 of 30000 steps; dev capped to 2000 of 25000 reviews and periodic dev eval "
