@@ -66,6 +66,11 @@ def fmt_num(v, missing: str = NM) -> str:
     return f"{v:.0f}" if a >= 1000 else f"{v:.1f}" if a >= 100 else f"{v:.2f}" if a >= 1 else f"{v:#.3g}"
 
 
+def fmt_busy(v, missing: str = NM) -> str:
+    """A GPU-busy fraction as ``0.44``."""
+    return missing if is_missing(v) else f"{v:.2f}"
+
+
 def fmt_ratio(v, missing: str = NM) -> str:
     return missing if is_missing(v) else f"{v:.2f}×"
 
@@ -149,7 +154,7 @@ def _runs_frame(recs: list[dict]) -> pd.DataFrame:
     """One row per run record. Columns a ``report_section`` may use: scale, task, seed, method (registered name),
     label (name [variant]), family, dense (family == "dense"), info (``method_info``), by_phase (median step ms per
     phase), steps_run, max_len, main_metric, metrics, step_ms, tok_s, mem_mib, density (per layer), mem_by_phase,
-    gpu."""
+    gpu, busy (``gpu_busy_fraction``), launches (``kernel_launches_per_step``)."""
     classes = _method_classes()
     rows = []
     for r in recs:
@@ -167,10 +172,11 @@ def _runs_frame(recs: list[dict]) -> pd.DataFrame:
             step_ms=meas.get("train_step_ms_median"), tok_s=meas.get("infer_tokens_per_s"),
             mem_mib=meas.get("peak_mem_mib"), density=info.get("density_per_layer"),
             mem_by_phase=meas.get("peak_mem_mib_by_phase"), gpu=r["env"].get("gpu") or "CPU",
+            busy=meas.get("gpu_busy_fraction"), launches=meas.get("kernel_launches_per_step"),
             cfg_key=_config_key(r.get("config") or {}), config=r.get("config") or {},
         ))
     df = pd.DataFrame(rows).sort_values(["scale", "task", "label", "seed", "path"], kind="stable")
-    for c in ("step_ms", "tok_s", "mem_mib"):
+    for c in ("step_ms", "tok_s", "mem_mib", "busy", "launches"):
         df[c] = pd.to_numeric(df[c], errors="coerce")
     return df
 
@@ -292,6 +298,7 @@ def _efficiency(t: pd.DataFrame, extra: dict | None = None) -> str:
         n=("seed", "size"), dense=("dense", "any"),
         step_ms=("step_ms", "mean"), step_min=("step_ms", "min"), step_max=("step_ms", "max"),
         tok_s=("tok_s", "mean"), mem_mib=("mem_mib", "mean"), mixed=("gpu", lambda x: x.nunique() > 1),
+        busy=("busy", "mean"), launches=("launches", "mean"),
         phased=("by_phase", lambda x: any(len(d) > 1 for d in x)))
     best, _ = fastest(t, t.dense)
     out = []
@@ -318,7 +325,14 @@ def _efficiency(t: pd.DataFrame, extra: dict | None = None) -> str:
             dens[label] = ", ".join(f"{v:.3g}" for v in np.mean(np.asarray(lists, dtype=float), axis=0))
     if dens:
         table["attention density per layer"] = [dens.get(label, NA) for label in g.index]
+    if g.busy.notna().any():  # CUDA records (bench.measure.BusyProfiler); CPU ones store None
+        table["GPU busy"] = [fmt_busy(v) for v in g.busy]
+        table["kernels / step"] = [NM if is_missing(v) else f"{v:.0f}" for v in g.launches]
     out.append(md_table(table))
+    if g.busy.notna().any():
+        out.append("`GPU busy`: device time (union of kernel, memcpy and memset intervals) over host wall time of a "
+                   "few profiled training steps after warm-up (torch.profiler; not in the step-time statistics), "
+                   "mean over runs; well below 1 means the step waits on the host (Python, launches, syncs).\n")
     if g.phased.any():
         out.append(f"Runs that switch attention during training ({', '.join(g.index[g.phased])}) are timed here over "
                    f"all their steps and their peak memory is the largest of any phase{_extra(extra, NOTE_PHASED)}.\n")

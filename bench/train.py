@@ -32,7 +32,7 @@ from bench import env as envmod
 from bench.artifacts import ArtifactStore, artifact_key
 from bench.config import FULL_BUDGET_SCALES, RunConfig, TrainConfig
 from bench.errors import BenchError
-from bench.measure import PeakMemory, StepTimer, time_inference
+from bench.measure import BusyProfiler, PeakMemory, StepTimer, time_inference
 from bench.records import RunRecord
 from bench.stages import Compute, Sweep, Train
 
@@ -186,6 +186,7 @@ class Trainer:
         self.best = {"val": None, "step": -1, "dev": {}, "state": None, "phase": None}
         self.best_by_phase: dict[str, tuple] = {}  # phase -> (dev value, step, CPU copy of the weights)
         self.timer, self.mem = StepTimer(self.device, tc.timing_warmup_steps), PeakMemory(self.device)
+        self.busy = BusyProfiler(self.device, tc.timing_warmup_steps)  # CUDA only; its steps are not timed
         self._batches = task.train_batches(self.gen)
         self._batches_drawn = 0
         self._lineage: list[dict] = []
@@ -216,7 +217,7 @@ class Trainer:
             if any(isinstance(s, (Train, Compute)) for s in stages[index + 1:]):
                 self._save_run_state(index)
         self.stage = None
-        measurements = {**self.timer.summary(), **self.mem.summary()}
+        measurements = {**self.timer.summary(), **self.mem.summary(), **self.busy.summary()}
         self._attach_stage_measurements(measurements)
         best = self.best
         if best["state"] is not None:
@@ -355,7 +356,8 @@ class Trainer:
             batch = self.task.to_device(self._next_batch(), self.device)
             method.before_step(self, step)
             self.mem.set_phase(self.phase)  # syncs only when the phase changed
-            handle = self.timer.start()
+            profiled = self.busy.profiling(self.phase)
+            handle = None if profiled else self.timer.start()
             with self.autocast():
                 task_loss, out = self.task.loss(model, batch)
                 loss = method.loss(self, batch, task_loss, out)
@@ -371,7 +373,10 @@ class Trainer:
             self.scaler.update()
             step_lr = self.optimizer.param_groups[0]["lr"]  # the LR this step used; after the last step
             self.scheduler.step()                            # OneCycle extrapolates past its end (< 0)
-            self.timer.stop(handle, self.phase)
+            if profiled:
+                self.busy.step_done()
+            else:
+                self.timer.stop(handle, self.phase)
             loss_acc += loss.detach().float()
             loss_n += 1
             method.after_step(self, step)
@@ -385,6 +390,7 @@ class Trainer:
             if self._end_requested:
                 break
         bar.close()
+        self.busy.close()
         self.timer.flush()
         self.step = step + 1
         ended = "early" if self._end_requested else "planned"
@@ -418,6 +424,7 @@ class Trainer:
         return total
 
     def _eval(self, step: int, stage: Train, train_loss: float, step_lr: float, bar) -> None:
+        self.busy.close()  # a profiled window never spans an eval
         self.timer.flush()
         if not math.isfinite(train_loss):
             self.note("non-finite training loss", loss=train_loss)
@@ -509,7 +516,7 @@ class Trainer:
             "lineage": self._lineage, "computed": self._computed, "stage_records": self.stage_records,
             "artifacts_used": self.artifacts_used, "times_ms": dict(self.timer.times_ms), "seen": dict(self.timer._seen),
             "mem": (self.mem.phase, dict(self.mem.by_phase)), "method": self.method.state_dict(),
-            "batches_drawn": self._batches_drawn,
+            "batches_drawn": self._batches_drawn, "busy": dict(self.busy.by_phase),
         }
         self.artifacts.save("run_state", self._run_state_key(index), state, {"run": self._run_name()})
 
@@ -545,6 +552,7 @@ class Trainer:
             self.timer.times_ms.update(s["times_ms"])
             self.timer._seen.update(s["seen"])
             self.mem.phase, self.mem.by_phase = s["mem"][0], dict(s["mem"][1])
+            self.busy.by_phase.update(s.get("busy") or {})
             self.note("resumed an interrupted run", after_stage=stages[index].name,
                       note="step times and peak memory of the earlier stages come from the interrupted process")
             return index + 1
