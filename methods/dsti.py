@@ -1095,7 +1095,7 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
                 rule = pt.get("rule", "?")
                 thr = pt.get("k", pt.get("tau"))
                 val = m.get(f"test_{main}", m.get(main))
-                pts.append({"run": r.label, "seed": r.seed, "rule": rule, "tau / k": R.fmt_num(thr),
+                pts.append({"run": r.label, "seed": r.seed, "rule": rule, "tau / k": str(thr) if thr is not None else R.NA,  # exact: 0.9999 is not 1
                             "executed": R.fmt_num(facts.get("executed_fraction")),
                             "executed (valid)": R.fmt_num(facts.get("executed_fraction_valid"), R.NA),
                             "rel. FFN FLOPs": R.fmt_num(facts.get("relative_ffn_flops")),
