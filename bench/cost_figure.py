@@ -130,6 +130,17 @@ def plotted(points: list[dict]) -> list[dict]:
             and isinstance(p.get("metric"), (int, float)) and math.isfinite(p["metric"])]
 
 
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def curve_of(point) -> str:
+    """The curve an operating point belongs to: its non-numeric fields (``{"rule": "dyn_cum", "tau": 0.5}`` ->
+    ``"dyn_cum"``); points that differ only in numbers lie on one curve."""
+    if not isinstance(point, dict):
+        return ""
+    return ", ".join(str(v) for k, v in sorted(point.items()) if isinstance(v, str))
+
+
 def cost_figure(points: list[dict], title: str, metric_name: str, higher_is_better: bool = True):
     """Draw ``points`` (``{"method", "family", "flops_per_token", "metric", "metric_std"?, "kind"}``): x = forward
     GFLOPs per token (log), y = the metric; one marker shape per family, one colour per method (8 colours, reused
@@ -149,10 +160,14 @@ def cost_figure(points: list[dict], title: str, metric_name: str, higher_is_bett
         ops = sorted((p for p in mine if p.get("kind") == "operating_point"), key=lambda p: p["flops_per_token"])
         runs = [p for p in mine if p.get("kind") != "operating_point"]
         first = True
-        if ops:
-            ax.errorbar([p["flops_per_token"] / 1e9 for p in ops], [p["metric"] for p in ops],
-                        yerr=[p.get("metric_std") or 0.0 for p in ops], color=colour[m], marker=marker,
-                        markersize=4, linewidth=1.2, capsize=2, label=m)
+        curves: dict = {}  # one line per selection rule (a point's non-numeric fields, e.g. DSTI's dyn_cum/dyn_max)
+        for p in ops:
+            curves.setdefault(curve_of(p.get("point")), []).append(p)
+        for i, (curve, cps) in enumerate(sorted(curves.items())):
+            ax.errorbar([p["flops_per_token"] / 1e9 for p in cps], [p["metric"] for p in cps],
+                        yerr=[p.get("metric_std") or 0.0 for p in cps], color=colour[m], marker=marker,
+                        markersize=4, linewidth=1.2, capsize=2, linestyle=LINESTYLES[i % len(LINESTYLES)],
+                        label=m + (f" ({curve})" if len(curves) > 1 else ""))
             first = False
         for p in runs:
             ax.errorbar([p["flops_per_token"] / 1e9], [p["metric"]], yerr=[p.get("metric_std") or 0.0],

@@ -114,3 +114,10 @@ def test_records_without_cost_render_as_before(tmp_path):
     assert "Quality vs cost" not in (tmp_path / "rep" / "lra.md").read_text(encoding="utf-8")
     assert not any("quality_vs_cost" in p.name for p in written)
     assert not list((tmp_path / "rep" / "figures").glob("*quality_vs_cost*"))
+
+
+def test_operating_points_of_different_rules_are_separate_curves():
+    from bench.cost_figure import curve_of
+    assert curve_of({"rule": "dyn_cum", "tau": 0.5}) == curve_of({"rule": "dyn_cum", "tau": 0.9}) == "dyn_cum"
+    assert curve_of({"rule": "dyn_max", "tau": 0.5}) == "dyn_max"
+    assert curve_of({"tau": 0.5}) == curve_of(None) == ""
