@@ -41,6 +41,7 @@ NA = "–"  # no runs for this cell
 NM = "n/m"  # not measured
 DAGGER, DDAGGER = "†", "‡"
 CHANCE_MARK, DENSE_CKPT, MIXED_HW = "◦", "§", "¤"
+NEVER_SPARSE = "¶"  # a dense->sparse method's run that never switched: its value is a dense model's (``never_switched``)
 MIXED_CFG, DROPPED = "≠", "∅"  # averages runs whose configs differ beyond the seed; runs without a main metric value
 # chance accuracy (%) of the LRA tasks (classes: ListOps 10, Text 2, Retrieval 2, Image 10, Pathfinder 2)
 CHANCE = {"lra_listops": 10.0, "lra_text": 50.0, "lra_retrieval": 50.0, "lra_image": 10.0, "lra_pathfinder": 50.0}
@@ -263,6 +264,9 @@ def _quality(df: pd.DataFrame, refs: dict, extra: dict | None = None) -> tuple[s
             if any(ckpt_phase_differs(i) for i in g["info"]):
                 cell += f" {DENSE_CKPT}"
                 marks.add(DENSE_CKPT)
+            if any(never_switched(i) for i in g["info"]):
+                cell += f" {NEVER_SPARSE}"
+                marks.add(NEVER_SPARSE)
             if g.gpu.nunique() > 1:
                 cell += f" {MIXED_HW}"
                 marks.add(MIXED_HW)
@@ -281,6 +285,11 @@ def _quality(df: pd.DataFrame, refs: dict, extra: dict | None = None) -> tuple[s
     if DENSE_CKPT in marks:
         md += (f"\n{DENSE_CKPT} Includes runs whose best dev checkpoint predates their switch to sparse attention and was "
                f"tested with the final sparse attention{_extra(extra, NOTE_CKPT_PHASE)}.\n")
+    if NEVER_SPARSE in marks:
+        md += (f"\n{NEVER_SPARSE} Includes runs of a method that switches from dense to sparse attention but never "
+               "switched: their value comes from the dense phase (dense weights, tested with dense attention). Cells "
+               f"without {NEVER_SPARSE} or {DENSE_CKPT} come from runs that trained and were tested sparse (or from "
+               "methods without a switch).\n")
     if MIXED_HW in marks:
         md += f"\n{MIXED_HW} Averages runs from different GPUs.\n"
     if mixed_cfg:
@@ -566,6 +575,12 @@ def ckpt_phase_differs(info: dict) -> bool:
     ``best_checkpoint_eval_phase``, and ``tested_with``) and differ."""
     phase, tested = best_ckpt_phase(info), info.get("tested_with")
     return phase is not None and tested is not None and phase != tested
+
+
+def never_switched(info: dict) -> bool:
+    """A run of a method that switches from dense to sparse attention (it records ``tested_with``) that never did:
+    the test ran with dense attention, so the reported value is a dense model's."""
+    return info.get("tested_with") == "dense"
 
 
 def _method_sections(s: pd.DataFrame, suite: str, scale: str, figdir: Path,

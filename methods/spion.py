@@ -54,6 +54,9 @@ class SpionConfig:
     note: str = ""  # filled by default_config when a value differs from the paper (e.g. tiny-scale block size)
 
 
+# spion.md §4.1: the original's eval_frequency per LRA task, where its transition checks run
+PAPER_EVAL_EVERY = {"listops": 500, "text": 200, "retrieval": 200, "image": 500, "pathfinder": 500}
+
 # spion.md §4.1: (flood-fill quantile, SPION-C density) per LRA task; the block sizes of that table (64; Image and
 # Pathfinder 32) and the tiny-scale rule are ``bench.blocks``', shared with the fixed patterns
 PAPER_SETTINGS = {
@@ -469,7 +472,8 @@ def _report_row(r, dense_ms: float, fixed_ms: float, fixed_d: float, fixed_all: 
         f"{R.fmt_ratio(sparse_ms / fixed_ms)} (d={R.fmt_num(fixed_d, R.NA)})",
         "sparse / nearest-density fixed": R.NA if sparse_ms is None or near_lab is None else
         f"{R.fmt_ratio(sparse_ms / near_ms)} ({near_lab}, d={R.fmt_num(near_d)})",
-        "best ckpt (phase @ step)": best, "test attention": info.get("tested_with", R.NA),
+        "best ckpt (phase @ step)": best,
+        "test attention": info.get("tested_with", R.NA) + (f" {R.NEVER_SPARSE}" if R.never_switched(info) else ""),
         # the Trainer also tests every other phase's best checkpoint (pitfall 12): "main metric, phase ckpt"
         "test with other phase's best": ", ".join(
             f"{R.fmt_num(v)} ({k.rsplit('_best_', 1)[1]})" for k, v in sorted(r.metrics.items())
@@ -491,13 +495,17 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
                                     "each phase's best checkpoint tested")
     ctx.add_note(R.NOTE_PHASED, "; per-phase numbers are in the SPION section")
     md = ["### SPION\n", _SECTION_INTRO]
-    written, ckpt_note = [], False
+    precision = _precision_sentence(s[mine])
+    md += [precision] if precision else []
+    written, ckpt_note, never_note = [], False, False
     for task, t in s[s.task.isin(s[mine].task)].groupby("task", sort=True):
         ours, fixed = t.method.isin(ctx.methods), t.family.eq("fixed_pattern")
         dense_lab, dense_ms = R.fastest(t, t.dense, hardware_of=ours)
         fixed_lab, fixed_ms = R.fastest(t, fixed, hardware_of=ours)
         fixed_d = R.mean_density(t[t.label == fixed_lab].density) if fixed_lab else math.nan
         md.append(f"#### {task}\n")
+        checks = _check_interval_sentence(t[ours], task)
+        md += [checks] if checks else []
         md.append(f"Fastest dense: {f'**{dense_lab}** ({R.fmt_num(dense_ms)} ms/step)' if dense_lab else 'none measured'}; "
                   f"fastest fixed pattern: " + (f"**{fixed_lab}** ({R.fmt_num(fixed_ms)} ms/step, mean density "
                                                 f"{R.fmt_num(fixed_d, R.NA)})" if fixed_lab else "none measured") + ".\n")
@@ -505,6 +513,7 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
                      for lab, g in t[fixed].groupby("label", sort=True)}
         rows = [_report_row(r, dense_ms, fixed_ms, fixed_d, fixed_all) for r in t[ours].itertuples()]
         ckpt_note |= any(R.DENSE_CKPT in r["best ckpt (phase @ step)"] for r in rows)
+        never_note |= any(R.NEVER_SPARSE in r["test attention"] for r in rows)
         md.append(R.md_table(pd.DataFrame(rows)))
         figs = []
         for r in t[ours].itertuples():
@@ -521,7 +530,70 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
     if ckpt_note:
         md.append(f"{R.DENSE_CKPT} The best dev checkpoint is from the dense phase (before the transition): the "
                   "reported test metric uses those dense-phase weights with the attention in `test attention`.\n")
+    if never_note:
+        md.append(f"{R.NEVER_SPARSE} The run never switched to sparse attention: its test metric is the dense "
+                  "phase's (dense weights, dense attention).\n")
     return md, written
+
+
+def _amp_of(config: dict) -> str | None:
+    """The autocast dtype a record's run used (``train.amp``; ``auto`` = bf16 on CUDA, off on CPU), or None."""
+    amp = (config.get("train") or {}).get("amp")
+    if amp is None:
+        return None
+    if amp == "auto":
+        return "bf16" if str(config.get("device", "")).startswith("cuda") else "off"
+    return amp
+
+
+def _precision_sentence(runs) -> str:
+    """What precision SPION's attention ran in, from the records' configs (``train.amp``, ``device``,
+    ``method_cfg.attention_fp32``), next to the original's fp32 attention (spion.md §2.4); "" if they do not say."""
+    kinds: dict[str, int] = {}
+    for cfg in runs.config:
+        amp, fp32 = _amp_of(cfg or {}), ((cfg or {}).get("method_cfg") or {}).get("attention_fp32")
+        if amp is None or fp32 is None:
+            continue
+        key = "fp32 (attention_fp32)" if fp32 else "fp32 (no autocast)" if amp == "off" else amp
+        kinds[key] = kinds.get(key, 0) + 1
+    if not kinds:
+        return ""
+    n = sum(kinds.values())
+    parts = []
+    for key, k in sorted(kinds.items()):
+        if key in ("bf16", "fp16"):
+            parts.append(f"in {key} under autocast (`attention_fp32=False`, the suite's common precision policy) in "
+                         f"{k} of {n} runs, where the original runs attention in fp32 with autocast disabled "
+                         "(spion.md §2.4; `method.attention_fp32=true` does that)")
+        elif key == "fp32 (attention_fp32)":
+            parts.append(f"in fp32 with autocast disabled, as the original (`attention_fp32=True`), in {k} of {n} runs")
+        else:
+            parts.append(f"in fp32 (no autocast: `train.amp` off or a CPU run) in {k} of {n} runs")
+    return "Precision: SPION's attention ran " + "; ".join(parts) + ".\n"
+
+
+def _check_interval_sentence(runs, task: str) -> str:
+    """How often the transition was checked in these runs (``method_cfg.check_every``, 0 = ``train.eval_every``,
+    read from the records' configs) next to the original's interval (its eval_frequency, spion.md §4.1)."""
+    seen = []
+    for cfg in runs.config:
+        cfg = cfg or {}
+        every = (cfg.get("train") or {}).get("eval_every")
+        own = ((cfg.get("method_cfg") or {}).get("check_every")) or 0
+        if every is None:
+            continue
+        item = (own or every, every, bool(own))
+        seen += [item] if item not in seen else []
+    if not seen:
+        return ""
+    paper = PAPER_EVAL_EVERY.get(lra_task_key(task) or "")
+    said = []
+    for check, every, own in sorted(seen):
+        said.append(f"every {check} steps (`method.check_every`; the eval interval `train.eval_every` is {every})"
+                    if own else f"every {check} steps, at each eval (`train.eval_every` = {every})")
+    ref = (f"; the paper checks at its eval steps, every {paper} steps for this task (500 for ListOps, Image and "
+           "Pathfinder, 200 for Text and Retrieval)" if paper else "")
+    return f"Transition checked {' / '.join(said)}{ref}.\n"
 
 
 @register_method("spion_cf")
