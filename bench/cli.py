@@ -7,6 +7,8 @@ Examples
   python run_all.py --suite lra --methods dense:backend=flash flex --seeds 0 1 2 --scale small
   python run_all.py --suite lra --dry-run                       # print the run matrix only
   python run_all.py --suite lra --resume                        # skip runs whose record exists and matches
+  python run_all.py --suite lra --launcher submitit --slurm-partition gpu --slurm-time 240   # one SLURM job per run
+  python run_all.py --suite lra --launcher submitit             # one local job per GPU of this box
   python run_all.py --report --out runs                         # tables and figures of your runs -> runs/reports/
   python run_all.py --suite lra --out results                   # publish: records into the committed results/
   python run_all.py --report                                    # re-render the committed reports/ from results/
@@ -103,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-report", action="store_true", help="do not render reports after the sweep, even with "
                    "--reports-dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (they are off when not a TTY)")
+    g = p.add_argument_group(
+        "launching a sweep over many GPUs or nodes",
+        "--launcher submitit makes every planned (task, method, seed) run one submitit job (pip install submitit,\n"
+        "or pip install -e '.[launch]'). On a SLURM cluster each job is a SLURM job (--slurm-partition,\n"
+        "--slurm-time, --gpus-per-job); elsewhere jobs are local processes, one per visible GPU (or group of\n"
+        "--gpus-per-job GPUs), or --max-parallel at a time without a GPU. A job runs exactly what the local sweep\n"
+        "runs for that run: same records, locks, --resume and --artifacts cache, so jobs and sweeps may share one\n"
+        "--out. Job logs: <out>/.submitit/. A failed job prints its log path, the others go on, the exit code is 1.")
+    g.add_argument("--launcher", choices=["local", "submitit"], default="local",
+                   help="local (default): the runs one after another in this process; submitit: one job per run")
+    g.add_argument("--slurm-partition", metavar="NAME", help="SLURM partition for the jobs (default: the cluster's)")
+    g.add_argument("--slurm-time", type=int, default=720, metavar="MIN",
+                   help="time limit of one job in minutes, on SLURM and for local jobs (default: 720)")
+    g.add_argument("--gpus-per-job", type=int, default=1, metavar="N", help="GPUs per job (default: 1)")
+    g.add_argument("--max-parallel", type=int, default=1, metavar="N",
+                   help="without SLURM and without a GPU: how many local jobs run at once (default: 1)")
+    g.add_argument("--submitit-executor", choices=["auto", "slurm", "local", "debug"], default="auto",
+                   help=argparse.SUPPRESS)  # testing: debug runs the jobs in this process, local forces processes
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides: train.lr=3e-4, model.n_layers=4, data.n_train=1000, method.x=... "
                    "('method.' applies to every method that has the field)")
@@ -592,7 +612,6 @@ def _fmt_s(s: float) -> str:
 
 def _sweep(args, plan: Plan) -> int:
     from bench import locks
-    from bench.records import move_aside, record_state, write_record_keeping
 
     device, scale, explicit = plan.device, plan.scale, plan.explicit
     # everything that could fail without training is checked first
@@ -609,70 +628,129 @@ def _sweep(args, plan: Plan) -> int:
     at_start = {r.path: _stat(r.path) for r in plan.runs}
     tty = sys.stderr.isatty()
     progress = not args.no_progress and tty
-    from tqdm.auto import tqdm
-
     if device.type == "cpu":
         busy = _busy_note()
         if busy:
             print(busy)
-    data_failed = set()
-    done_paths: list[Path] = []  # records of this sweep's runs (new or kept), for the closing comparison
-    durations: list[float] = []
-    elsewhere = 0  # runs another live sweep holds
-    sweep = tqdm(plan.runs, desc="sweep", unit="run", disable=not progress)
-    n = len(plan.runs)
-    for i, r in enumerate(sweep, 1):
-        t, m, seed, cfg, path, expected = r.task, r.method, r.seed, r.cfg, r.path, r.expected
-        tag = f"[{i}/{n}] {t} {m.label} seed {seed}"
-        if t in data_failed:
-            continue
-        if args.resume and record_state(path, expected)[0] == "done":
-            print(f"{tag}: done already ({path})" + _other_hardware_note(path, device))
-            done_paths.append(path)
-            continue
-        lock = locks.RecordLock(args.out, path)
-        if not lock.acquire():
-            print(f"{tag}: running in another sweep, skipped ({path})")
-            elsewhere += 1
-            continue
-        try:
-            locks.remove_record_tmp(path)  # ours now: a temporary file of it with no live writer is debris
-            state, why = record_state(path, expected)
-            if state == "done" and (args.resume or _stat(path) != at_start[path]):
-                print(f"{tag}: done by another sweep ({path})")
-                done_paths.append(path)
-                continue
-            if state in ("unreadable", "mismatch"):
-                dest = move_aside(path, args.out, state)
-                print(f"{tag}: {path} is not this run's record ({why}); moved it aside to {dest}")
-            if not tty:  # no progress bar: say what runs now and when the sweep should end
-                left = n - i + 1
-                eta = f"; about {_fmt_s(left * sum(durations) / len(durations))} left" if durations else ""
-                print(f"{tag}: running{eta}", flush=True)
-            t0 = time.perf_counter()
-            try:
-                record = run_one(t, m, seed, cfg, device, args.data_dir, scale, progress, args.overrides)
-            except DataUnavailable as e:
-                if explicit and not plan.tour:
-                    raise
-                data_failed.add(t)  # a suite goes on without the task, saying why in one line
-                print(f"skip {t}: {_one_line(e)}")
-                continue
-            old = write_record_keeping(record, path, args.out)  # redone without --resume: the old one is kept
-            kept = f"; the previous record is kept as {old}" if old else ""
-        finally:
-            lock.release()
-        durations.append(time.perf_counter() - t0)
-        done_paths.append(path)
-        main_metric = record.budget.get("main_metric")
-        val = record.metrics.get(main_metric)
-        shown = f"{main_metric}={val:.4g}" if isinstance(val, float) else "ok"
-        print(f"{tag}: {shown} ({durations[-1]:.1f} s) -> {path}{kept}", flush=True)
+    settings = SweepSettings(args.out, args.resume, device, args.data_dir, scale, progress, tuple(args.overrides),
+                             stop_on_missing_data=explicit and not plan.tour)
+    if args.launcher == "submitit":
+        from bench.launch import submitit_sweep
+
+        done_paths, elsewhere, data_failed, failed = submitit_sweep(args, plan, settings, at_start)
+    else:
+        done_paths, elsewhere, data_failed = _local_sweep(plan, settings, at_start, tty)
+        failed = 0
+    if failed:
+        print(f"{failed} of {len(plan.runs)} jobs failed (each one's log path is in its line above)", file=sys.stderr)
+        if not done_paths:
+            return 1
     if not done_paths and not elsewhere:
         why = "; ".join(f"{t}: data not available" for t in sorted(data_failed)) or "see the lines above"
         raise BenchError(f"nothing ran: no run of this sweep produced a record ({why})")
     _closing_summary(args, plan, done_paths, device)
-    return 0
+    return 1 if failed else 0
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """What every run of a sweep shares (picklable: a submitit job gets it with its ``PlannedRun``)."""
+    out: Path
+    resume: bool
+    device: object
+    data_dir: Path | None
+    scale: str
+    progress: bool
+    overrides: tuple
+    stop_on_missing_data: bool  # tasks named on the command line: missing data stops the sweep (raises)
+
+
+@dataclass
+class RunOutcome:
+    """What ``execute_run`` did: ``status`` is ran (record written), done (a finished record kept), elsewhere
+    (locked by another live sweep) or data (the task's data is not available); ``line`` is its one-line result and
+    ``notes`` the lines it printed before (a record moved aside)."""
+    status: str
+    path: Path
+    line: str
+    seconds: float | None = None
+    notes: list = dataclasses.field(default_factory=list)
+
+
+def execute_run(r: PlannedRun, s: SweepSettings, tag: str, at_start, announce: str | None = None) -> RunOutcome:
+    """One planned run, exactly as a sweep does it: skipped if --resume finds its record done; else its record's
+    lock is taken (a run locked by another live sweep is skipped), a record another sweep finished meanwhile is kept
+    (``at_start`` is the record file's ``_stat`` when the sweep began), a file that is not this run's record is moved
+    aside, the run is trained and its record written atomically. The local loop and every submitit job call this."""
+    from bench import locks
+    from bench.records import move_aside, record_state, write_record_keeping
+
+    path, notes = r.path, []
+    if s.resume and record_state(path, r.expected)[0] == "done":
+        return RunOutcome("done", path, f"{tag}: done already ({path})" + _other_hardware_note(path, s.device))
+    lock = locks.RecordLock(s.out, path)
+    if not lock.acquire():
+        return RunOutcome("elsewhere", path, f"{tag}: running in another sweep, skipped ({path})")
+    try:
+        locks.remove_record_tmp(path)  # ours now: a temporary file of it with no live writer is debris
+        state, why = record_state(path, r.expected)
+        if state == "done" and (s.resume or _stat(path) != at_start):
+            return RunOutcome("done", path, f"{tag}: done by another sweep ({path})")
+        if state in ("unreadable", "mismatch"):
+            dest = move_aside(path, s.out, state)
+            notes.append(f"{tag}: {path} is not this run's record ({why}); moved it aside to {dest}")
+            print(notes[-1])
+        if announce:
+            print(announce, flush=True)
+        t0 = time.perf_counter()
+        try:
+            record = run_one(r.task, r.method, r.seed, r.cfg, s.device, s.data_dir, s.scale, s.progress,
+                             list(s.overrides))
+        except DataUnavailable as e:
+            if s.stop_on_missing_data:
+                raise
+            return RunOutcome("data", path, f"skip {r.task}: {_one_line(e)}", notes=notes)
+        old = write_record_keeping(record, path, s.out)  # redone without --resume: the old one is kept
+        kept = f"; the previous record is kept as {old}" if old else ""
+    finally:
+        lock.release()
+    seconds = time.perf_counter() - t0
+    main_metric = record.budget.get("main_metric")
+    val = record.metrics.get(main_metric)
+    shown = f"{main_metric}={val:.4g}" if isinstance(val, float) else "ok"
+    return RunOutcome("ran", path, f"{tag}: {shown} ({seconds:.1f} s) -> {path}{kept}", seconds, notes)
+
+
+def _local_sweep(plan: Plan, s: SweepSettings, at_start: dict, tty: bool) -> tuple[list[Path], int, set]:
+    """``--launcher local``: the planned runs one after another in this process."""
+    from tqdm.auto import tqdm
+
+    data_failed = set()
+    done_paths: list[Path] = []  # records of this sweep's runs (new or kept), for the closing comparison
+    durations: list[float] = []
+    elsewhere = 0  # runs another live sweep holds
+    sweep = tqdm(plan.runs, desc="sweep", unit="run", disable=not s.progress)
+    n = len(plan.runs)
+    for i, r in enumerate(sweep, 1):
+        tag = f"[{i}/{n}] {r.task} {r.method.label} seed {r.seed}"
+        if r.task in data_failed:
+            continue
+        announce = None
+        if not tty:  # no progress bar: say what runs now and when the sweep should end
+            left = n - i + 1
+            eta = f"; about {_fmt_s(left * sum(durations) / len(durations))} left" if durations else ""
+            announce = f"{tag}: running{eta}"
+        o = execute_run(r, s, tag, at_start[r.path], announce)
+        if o.status == "data":
+            data_failed.add(r.task)  # a suite goes on without the task, saying why in one line
+        elif o.status == "elsewhere":
+            elsewhere += 1
+        else:
+            done_paths.append(o.path)
+        if o.seconds is not None:
+            durations.append(o.seconds)
+        print(o.line, flush=True)
+    return done_paths, elsewhere, data_failed
 
 
 def _closing_summary(args, plan: Plan, paths: list[Path], device) -> None:
