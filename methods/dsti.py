@@ -39,7 +39,16 @@ Selection rules (``select_experts``), ties broken towards the lower expert index
 
 Cost (``last_cost()``, for ``bench/cost.py``): the FFN's FLOPs of its last forward in the ``kernels.moe_ffn``
 convention (``4 d n_e + n_e`` per executed pair, ``d`` per token for b2) plus the router's
-(``2 d w + 2 w E`` and biases per token), and the executed-expert fraction.
+(``2 d w + 2 w E`` and biases per token), and the executed-expert fraction. Per operating point the sweep also
+measures FFN wall-clock time (``time_ffns``): the FFN inputs of the cost pass's first ``time_batches`` batches are
+captured per layer (forward pre-hooks), then, after the pass, each layer's MoE forward as it runs at the point
+(router, selection and ``kernels.moe_ffn``, ``DSTIFFN.moe_out``) and its dense forward (``fc2(relu(fc1 x))``, what
+``dense`` mode computes: all experts as one matmul each) are timed on the same inputs with
+``bench.measure.time_inference`` (a warm-up pass over the batches, then one pass timed with CUDA events), in one
+process, under the trainer's autocast. Facts ``ffn_ms_moe``, ``ffn_ms_dense``, ``ffn_time_ratio`` (moe / dense),
+per layer and summed over layers; None ("not measured") on CPU, where timings are no performance numbers, unless
+``time_on_cpu`` (tests only), and when ``time_batches=0``. Timing runs after the counting pass and touches no
+counter: a point's metrics and FLOP facts are the same with or without it.
 """
 from __future__ import annotations
 
@@ -105,6 +114,8 @@ class DSTIConfig:
     cost_split: str = "test"  # split each sweep point's cost facts are counted on
     cost_batches: int = 0  # batches of it (0 = all)
     kernel: str = "auto"  # kernels.moe_ffn backend at inference: auto (triton on CUDA) | triton | torch
+    time_batches: int = 4  # cost-split batches whose FFN inputs are timed per point (MoE vs dense FFN); 0 = off
+    time_on_cpu: bool = False  # tests only: time on CPU too (CPU timings are not performance numbers)
 
     def validate(self):
         def choice(name, valid):
@@ -127,6 +138,9 @@ class DSTIConfig:
             raise BenchError(f"dsti: alpha={self.alpha}; expected >= 0 (pass dsti.alpha=1e-3)")
         if self.n_experts and self.expert_size:
             raise BenchError("dsti: set n_experts or expert_size, not both (pass dsti.expert_size=0)")
+        if self.time_batches < 0:
+            raise BenchError(f"dsti: time_batches={self.time_batches}; expected >= 0 (0 = no FFN timing; pass "
+                             f"dsti.time_batches=4)")
         if self.router_width < 1:
             raise BenchError("dsti: router_width must be >= 1 (pass dsti.router_width=128)")
         for r in self.rules:
@@ -558,7 +572,8 @@ class DSTIFFN(nn.Module):
             self._accumulate_zeros(h.detach())
         return self.fc2(h)
 
-    def _forward_moe(self, x, tokens):
+    def moe_out(self, x):
+        """(y, sel): the MoE computation of ``moe`` mode (router, selection, ``kernels.moe_ffn``), no accounting."""
         r = self.router(x)
         sel = select_experts(r, self.rule, self.tau)
         dtype = x.dtype
@@ -567,6 +582,14 @@ class DSTIFFN(nn.Module):
         W1, b1, W2, b2 = self._expert_weights(dtype, x.device)
         with torch.autocast(x.device.type, enabled=False):
             y = moe_ffn(x.to(dtype), W1, b1, W2, b2, sel, self.n_experts, backend=self.backend)
+        return y, sel
+
+    def dense_out(self, x):
+        """The dense FFN (``dense`` mode's computation, all experts as one matmul each), no accounting."""
+        return self.fc2(self.act(self.fc1(x)))
+
+    def _forward_moe(self, x, tokens):
+        y, sel = self.moe_out(x)
         f = moe_ffn_flops(sel, self.d_model, self.d_ff, self.n_experts)
         self._cost = {"flops": float(f["moe_flops"] + self.router.flops(tokens)),
                       "executed_fraction": f["pairs"] / max(1, tokens * self.n_experts)}
@@ -923,13 +946,18 @@ class DSTI(Method):
         tau = point["k"] if rule == "topk" else point["tau"]
         self.restore_moe_state(trainer)
         self.set_mode("moe", rule=rule, tau=tau, penalty=None)
-        return self.measure_cost(trainer, self.cfg.cost_split, self.cfg.cost_batches)
+        return self.measure_cost(trainer, self.cfg.cost_split, self.cfg.cost_batches, time_batches=self.cfg.time_batches)
 
-    def measure_cost(self, trainer, split: str, max_batches: int = 0) -> dict:
+    def measure_cost(self, trainer, split: str, max_batches: int = 0, time_batches: int = 0) -> dict:
         """One pass over ``split`` counting executed pairs per layer and every other FLOP of the model (Linear
         layers outside the FFNs, attention cores' ``flops``): spec §2.7's relative FLOPs, padding counted (as the
-        reference) and over valid tokens."""
+        reference) and over valid tokens. With ``time_batches`` the FFN inputs of that many first batches are
+        captured and, after the pass, the FFNs timed on them (``time_ffns``; None facts where not measured)."""
         model = trainer.model
+        device = next(model.parameters()).device
+        timed = bool(time_batches) and (device.type == "cuda" or self.cfg.time_on_cpu)
+        inputs: list[list[torch.Tensor]] = [[] for _ in self.moe]
+        capture = {"on": False}
         ffn_mods = {id(x) for m in self.moe for x in m.modules()}
         rest = {"flops": 0}
         hooks = []
@@ -944,15 +972,24 @@ class DSTI(Method):
             kpm = args[3] if len(args) > 3 else None
             rest["flops"] += float(mod.flops(q, k, kpm))
 
+        def capture_hook(i):
+            def hook(mod, args):
+                if capture["on"]:
+                    inputs[i].append(args[0].detach())
+            return hook
+
         for mod in model.modules():
             if isinstance(mod, nn.Linear) and id(mod) not in ffn_mods:
                 hooks.append(mod.register_forward_hook(lin_hook))
             elif isinstance(mod, AttentionCore):
                 hooks.append(mod.register_forward_hook(core_hook))
+        if timed:
+            hooks += [m.register_forward_pre_hook(capture_hook(i)) for i, m in enumerate(self.moe)]
         for m in self.moe:
             m.stats = {}
         try:
-            for batch in self._passes(trainer, split, max_batches):
+            for i, batch in enumerate(self._passes(trainer, split, max_batches)):
+                capture["on"] = timed and i < time_batches
                 trainer.task.loss(model, batch)
             layers = [dict(m.stats) for m in self.moe]
         finally:
@@ -960,7 +997,16 @@ class DSTI(Method):
                 h.remove()
             for m in self.moe:
                 m.stats = None
-        return cost_facts(layers, [m.n_experts for m in self.moe], rest["flops"], split)
+        facts = cost_facts(layers, [m.n_experts for m in self.moe], rest["flops"], split)
+        timing = None
+        if timed and all(inputs):
+            was = model.training
+            model.eval()
+            try:
+                timing = time_ffns(self.moe, inputs, device, trainer.autocast)
+            finally:
+                model.train(was)
+        return add_timing(facts, timing, len(inputs[0]) if timed else 0)
 
     # ---- record
     def info(self) -> dict:
@@ -1039,6 +1085,42 @@ def cost_facts(layers: list[dict], n_experts: list[int], rest_flops: float, spli
     }
 
 
+def time_ffns(moe: list[DSTIFFN], inputs: list[list[torch.Tensor]], device: torch.device, autocast) -> list[dict]:
+    """Per layer ``{"moe": ms, "dense": ms}``: ``DSTIFFN.moe_out`` (as the layer runs at its current point) and
+    ``DSTIFFN.dense_out`` on the same captured inputs, each by ``bench.measure.time_inference`` (a warm-up pass over
+    the batches, then one timed pass: CUDA events on CUDA), under ``autocast()`` (the trainer's), in one process."""
+    from bench.measure import time_inference
+
+    out = []
+    with autocast():
+        for m, xs in zip(moe, inputs):
+            toks = [x.numel() // x.shape[-1] for x in xs]
+            seqs = [x.shape[0] if x.dim() > 2 else 1 for x in xs]
+            row = {}
+            for name, fn in (("moe", lambda x, m=m: m.moe_out(x)), ("dense", lambda x, m=m: m.dense_out(x))):
+                r = time_inference(fn, xs, device, toks, seqs)
+                row[name] = sum(toks) / r["infer_tokens_per_s"] * 1e3  # ms of the timed pass
+            out.append(row)
+    return out
+
+
+def add_timing(facts: dict, timing: list[dict] | None, batches: int) -> dict:
+    """``ffn_ms_moe``, ``ffn_ms_dense``, ``ffn_time_ratio`` (moe / dense) into a point's facts, per layer and
+    summed; None where not measured (``timing`` None: CPU or time_batches=0)."""
+    facts["ffn_time_batches"] = batches if timing is not None else 0
+    if timing is None:
+        facts.update(ffn_ms_moe=None, ffn_ms_dense=None, ffn_time_ratio=None)
+        for pl in facts["per_layer"]:
+            pl.update(ffn_ms_moe=None, ffn_ms_dense=None, ffn_time_ratio=None)
+        return facts
+    for pl, t in zip(facts["per_layer"], timing):
+        pl.update(ffn_ms_moe=t["moe"], ffn_ms_dense=t["dense"],
+                  ffn_time_ratio=t["moe"] / t["dense"] if t["dense"] > 0 else None)
+    moe_ms, dense_ms = sum(t["moe"] for t in timing), sum(t["dense"] for t in timing)
+    facts.update(ffn_ms_moe=moe_ms, ffn_ms_dense=dense_ms, ffn_time_ratio=moe_ms / dense_ms if dense_ms > 0 else None)
+    return facts
+
+
 # ---- report section (``Method.report_section``): imports bench.report (pandas, matplotlib) only when called -----
 _SECTION_INTRO = (
     "Per run: the test metric of the ReLU-dense model (after the GELU->ReLU swap and a task fine-tune, the named "
@@ -1048,7 +1130,10 @@ _SECTION_INTRO = (
     "coverage tau of the predicted mass; dyn_max: r >= (1 - tau) max r; topk: MoEfication's static k), the executed "
     "expert fraction (padding counted, as the reference; valid tokens beside), FFN FLOPs (routers included) and "
     "whole-model FLOPs relative to the dense model (spec section 2.7), and the test metric. Plot against measured "
-    "relative FLOPs, never tau (spec pitfall 2).\n")
+    "relative FLOPs, never tau (spec pitfall 2). FFN time / dense: the measured wall-clock time of the MoE FFNs "
+    "(router, selection and kernels.moe_ffn, as run at the point) over that of the dense FFNs, measured per layer on "
+    "the same captured FFN inputs (the first time_batches batches of the cost split), in one process (CUDA events "
+    "after a warm-up), summed over layers; n/m: not measured (CPU runs).\n")
 
 
 def _load_points(path) -> list[dict]:
@@ -1100,6 +1185,7 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
                             "executed (valid)": R.fmt_num(facts.get("executed_fraction_valid"), R.NA),
                             "rel. FFN FLOPs": R.fmt_num(facts.get("relative_ffn_flops")),
                             "rel. FLOPs": R.fmt_num(facts.get("relative_flops")),
+                            "FFN time / dense": R.fmt_num(facts.get("ffn_time_ratio"), R.NM),
                             f"test {main}": R.fmt_num(val)})
                 if facts.get("relative_flops") is not None and val is not None:
                     curves.setdefault((r.label, r.seed, rule), []).append((facts["relative_flops"], val))

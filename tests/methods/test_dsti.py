@@ -431,6 +431,65 @@ def test_tiny_staged_run(tmp_path, monkeypatch):
     render_reports(tmp_path / "results", tmp_path / "reports")
     text = (tmp_path / "reports" / "glue.md").read_text()
     assert "### DSTI" in text and "dyn_max" in text and "dsti_quality_vs_flops" in text
+    assert "FFN time / dense" in text and "n/m" in text  # CPU: not measured
+    # CPU: FFN timing not measured by default (None, not a number)
+    for o in ops:
+        assert o["facts"]["ffn_time_ratio"] is None and o["facts"]["ffn_ms_moe"] is None
+        assert all(pl["ffn_ms_dense"] is None for pl in o["facts"]["per_layer"])
+    # forced on CPU (tests only): fields present and positive; metrics and FLOP facts unchanged
+    rec3, _ = staged_run(tmp_path, monkeypatch, TINY_M + ["time_on_cpu=true", "time_batches=1"])
+    timed = ("ffn_ms_moe", "ffn_ms_dense", "ffn_time_ratio", "ffn_time_batches")
+    for a, b in zip(ops, rec3["operating_points"]):
+        fa, fb = a["facts"], b["facts"]
+        assert b["metrics"] == a["metrics"]
+        assert fb["ffn_time_batches"] == 1
+        for k in timed[:3]:
+            assert fb[k] > 0 and np.isfinite(fb[k])
+        assert fb["ffn_time_ratio"] == pytest.approx(fb["ffn_ms_moe"] / fb["ffn_ms_dense"])
+        assert fb["ffn_ms_moe"] == pytest.approx(sum(pl["ffn_ms_moe"] for pl in fb["per_layer"]))
+        for pl in fb["per_layer"]:
+            assert pl["ffn_ms_moe"] > 0 and pl["ffn_ms_dense"] > 0 and pl["ffn_time_ratio"] > 0
+        strip = lambda f: {k: v for k, v in f.items() if k not in timed and k != "per_layer"}  # noqa: E731
+        assert strip(fb) == strip(fa)
+        assert [strip(p) for p in fb["per_layer"]] == [strip(p) for p in fa["per_layer"]]
+
+
+def test_time_ffns_same_inputs_and_ratio(monkeypatch):
+    """time_ffns times moe_out and dense_out per layer on the same captured inputs via bench.measure's timer
+    (a fake timer here: no wall time); add_timing sums layers and divides."""
+    import contextlib
+
+    import bench.measure as M
+
+    m, _ = make_ffn(dtype=torch.float32)
+    m.mode, m.rule, m.tau = "moe", "dyn_cum", 0.5
+    xs = [torch.randn(2, 3, 16), torch.randn(1, 5, 16)]
+    calls = []
+
+    def fake(fn, batches, device, n_tokens, n_seqs):
+        outs = [fn(b) for b in batches]
+        calls.append((outs, batches, n_tokens, n_seqs))
+        kind = "moe" if isinstance(outs[0], tuple) else "dense"
+        ms = 2.0 if kind == "moe" else 4.0
+        return {"infer_tokens_per_s": sum(n_tokens) / (ms / 1e3)}
+
+    monkeypatch.setattr(M, "time_inference", fake)
+    cost_before = m.last_cost()
+    t = D.time_ffns([m, m], [xs, xs], torch.device("cpu"), contextlib.nullcontext)
+    assert t == [{"moe": pytest.approx(2.0), "dense": pytest.approx(4.0)}] * 2
+    assert m.last_cost() == cost_before  # timing does no accounting
+    (moe_out, b1, toks, seqs), (dense_out, b2, _, _) = calls[:2]
+    assert b1 is b2 is xs and toks == [6, 5] and seqs == [2, 1]
+    y, sel = moe_out[0]
+    assert torch.allclose(dense_out[0], m.dense_out(xs[0])) and y.shape == xs[0].shape
+    facts = D.add_timing({"per_layer": [{}, {}]}, t, 2)
+    assert facts["ffn_ms_moe"] == pytest.approx(4.0) and facts["ffn_ms_dense"] == pytest.approx(8.0)
+    assert facts["ffn_time_ratio"] == pytest.approx(0.5) and facts["ffn_time_batches"] == 2
+    assert facts["per_layer"][1]["ffn_time_ratio"] == pytest.approx(0.5)
+    none = D.add_timing({"per_layer": [{}]}, None, 0)
+    assert none["ffn_time_ratio"] is None and none["per_layer"][0]["ffn_ms_moe"] is None
+    with pytest.raises(BenchError, match="time_batches"):
+        D.DSTIConfig(time_batches=-1)
 
 
 def test_tiny_moefication_run(tmp_path, monkeypatch):
