@@ -300,6 +300,12 @@ def _split_overrides(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _split_overrides(args)
+    from bench import distributed as distmod
+
+    if not distmod.is_main():  # a torchrun rank > 0: no plan, progress, summary (errors still go to stderr)
+        import os
+
+        sys.stdout = open(os.devnull, "w")
     try:
         return _main(args)
     except BenchError as e:
@@ -627,7 +633,7 @@ def _sweep(args, plan: Plan) -> int:
     # another sweep sharing --out, and is not redone
     at_start = {r.path: _stat(r.path) for r in plan.runs}
     tty = sys.stderr.isatty()
-    progress = not args.no_progress and tty
+    progress = not args.no_progress and tty and _rank0()
     if device.type == "cpu":
         busy = _busy_note()
         if busy:
@@ -648,8 +654,15 @@ def _sweep(args, plan: Plan) -> int:
     if not done_paths and not elsewhere:
         why = "; ".join(f"{t}: data not available" for t in sorted(data_failed)) or "see the lines above"
         raise BenchError(f"nothing ran: no run of this sweep produced a record ({why})")
-    _closing_summary(args, plan, done_paths, device)
+    if _rank0():
+        _closing_summary(args, plan, done_paths, device)
     return 1 if failed else 0
+
+
+def _rank0() -> bool:
+    from bench import distributed as distmod
+
+    return distmod.is_main()
 
 
 @dataclass(frozen=True)
@@ -686,6 +699,11 @@ def execute_run(r: PlannedRun, s: SweepSettings, tag: str, at_start, announce: s
     from bench.records import move_aside, record_state, write_record_keeping
 
     path, notes = r.path, []
+    if not _rank0():  # a torchrun rank > 0 trains its share of the run; rank 0 takes the lock and writes the record
+        if s.resume and record_state(path, r.expected)[0] == "done":
+            return RunOutcome("done", path, "")
+        run_one(r.task, r.method, r.seed, r.cfg, s.device, s.data_dir, s.scale, s.progress, list(s.overrides))
+        return RunOutcome("ran", path, "")
     if s.resume and record_state(path, r.expected)[0] == "done":
         return RunOutcome("done", path, f"{tag}: done already ({path})" + _other_hardware_note(path, s.device))
     lock = locks.RecordLock(s.out, path)
@@ -844,6 +862,8 @@ def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, pro
     if spec.overrides:
         method.variant = ",".join(spec.overrides)
     record = Trainer(cfg, task, method, device, progress=progress).run()
+    if record is None:  # a torchrun rank > 0
+        return None
     _note_budget_overrides(record, cfg, task_name, spec, scale)
     folder = task_cls.data_folder(scale) if data_dir else None
     # offline data: say which copy, only if it was read (generated or downloaded data: its notes say so)

@@ -14,7 +14,10 @@ dense->sparse switch, a statistics pass, frozen parameters or a distillation los
 - After the last stage: the best dev checkpoint of the candidate stages is tested, then every other stage's best
   (spion.md pitfall 12), throughput and forward cost are measured, and ``Sweep`` stages evaluate operating points.
 
-``Trainer.run()`` returns the record.
+- Under torchrun (WORLD_SIZE > 1, ``bench/distributed.py``) each rank trains its contiguous share of the same global
+  batch through DDP; rank 0 evaluates (the others receive its dev metrics), tests, measures and returns the record.
+
+``Trainer.run()`` returns the record (None on a torchrun rank > 0).
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import distributed as distmod
 from bench import env as envmod
 from bench.artifacts import ArtifactStore, artifact_key
 from bench.config import FULL_BUDGET_SCALES, RunConfig, TrainConfig
@@ -129,6 +133,13 @@ class Trainer:
         self.operating_points: list[dict] = []
         self.optimizer = self.scheduler = None
         self._end_requested = False
+        self.dist = distmod.info()  # None unless torchrun started this process with WORLD_SIZE > 1
+        if self.dist:
+            bs, world = cfg.train.batch_size, self.dist.world_size
+            if bs % world:
+                raise BenchError(f"train.batch_size={bs} is not divisible by WORLD_SIZE={world}; the global batch is "
+                                 f"split evenly over the ranks")
+            self.device = distmod.setup(device)
 
     # ---- helpers methods may call from hooks ------------------------------------------------
     def autocast(self):
@@ -181,6 +192,8 @@ class Trainer:
         task.prepare()
         self.model = model = task.build_model(method).to(self.device)
         self._param_shapes = [[n, list(p.shape)] for n, p in model.named_parameters()]
+        if self.dist:  # per-rank model RNG (dropout); the batch generator stays the shared seed
+            torch.manual_seed(cfg.seed + self.dist.rank)
         self.scaler = torch.amp.GradScaler(enabled=(tc.amp == "fp16" and self.device.type == "cuda"))
         self.main, self.hib = task.MAIN_METRIC, task.METRICS[task.MAIN_METRIC]
         self.best = {"val": None, "step": -1, "dev": {}, "state": None, "phase": None}
@@ -215,9 +228,14 @@ class Trainer:
             self.stage_records.append(entry)
             method.on_stage_end(self, stage)
             if any(isinstance(s, (Train, Compute)) for s in stages[index + 1:]):
-                self._save_run_state(index)
+                if not self.dist or self.dist.rank == 0:
+                    self._save_run_state(index)
+                self._barrier()
         self.stage = None
         measurements = {**self.timer.summary(), **self.mem.summary(), **self.busy.summary()}
+        if self.dist:
+            if not self._gather_measurements(measurements):
+                return None  # rank > 0: rank 0 tests, measures and writes the record
         self._attach_stage_measurements(measurements)
         best = self.best
         if best["state"] is not None:
@@ -298,7 +316,37 @@ class Trainer:
 
     def _next_batch(self):
         self._batches_drawn += 1
-        return next(self._batches)
+        batch = next(self._batches)
+        if self.dist:  # every rank draws the same global batch and keeps its contiguous share of the rows
+            batch = distmod.shard(batch, self.dist.rank, self.dist.world_size, self.cfg.train.batch_size)
+        return batch
+
+    def _barrier(self) -> None:
+        if self.dist:
+            torch.distributed.barrier()
+
+    def _ddp(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model the training forward runs (DDP over the parameters this stage trains; self.model stays the
+        plain module for hooks, checkpoints and evals)."""
+        if not self.dist:
+            return model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, find_unused_parameters=True)
+
+    def _gather_measurements(self, measurements: dict) -> bool:
+        """Per-rank step time and peak memory, gathered to rank 0 (True on rank 0)."""
+        mine = {"rank": self.dist.rank, "train_step_ms_median": measurements.get("train_step_ms_median"),
+                "peak_mem_mib": measurements.get("peak_mem_mib")}
+        got = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(got, mine)
+        if self.dist.rank != 0:
+            return False
+        measurements["train_step_ms_median_per_rank"] = [g["train_step_ms_median"] for g in got]
+        measurements["peak_mem_mib_per_rank"] = [g["peak_mem_mib"] for g in got]
+        measurements["world_size"] = self.dist.world_size
+        return True
 
     def _skip_batches(self, n: int) -> None:
         """Advance the batch stream as ``n`` training steps would (a reused or resumed stage)."""
@@ -351,6 +399,7 @@ class Trainer:
         self._end_requested = False
         loss_acc, loss_n = 0.0, 0
         bar = _progress(steps, f"{self.cfg.task}/{self.cfg.method} s{self.cfg.seed} {stage.name}", self.progress)
+        fwd_model = self._ddp(model)
         for step in range(start, start + steps):
             self.step = step
             batch = self.task.to_device(self._next_batch(), self.device)
@@ -359,7 +408,7 @@ class Trainer:
             profiled = self.busy.profiling(self.phase)
             handle = None if profiled else self.timer.start()
             with self.autocast():
-                task_loss, out = self.task.loss(model, batch)
+                task_loss, out = self.task.loss(fwd_model, batch)
                 loss = method.loss(self, batch, task_loss, out)
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
@@ -404,8 +453,10 @@ class Trainer:
                        "ended": ended, "history": self.history[history_from:], "phase": stage.name,
                        "best": self.best_by_phase.get(stage.name, (None, None, None))[:2],
                        "optimizer": self.optimizer.state_dict() if isinstance(nxt, Train) and nxt.optimizer == "continue" else None}
-            self.artifacts.save(stage.artifact, key, payload, {"run": self._run_name(), "stage": stage.name,
-                                                               "git": envmod.git_state().get("commit")})
+            if not self.dist or self.dist.rank == 0:
+                self.artifacts.save(stage.artifact, key, payload, {"run": self._run_name(), "stage": stage.name,
+                                                                   "git": envmod.git_state().get("commit")})
+            self._barrier()
             self.artifacts_used.append({"stage": stage.name, "kind": stage.artifact, "key": key, "reused": False})
         self._lineage.append({**self._identity(stage), "steps_run": entry["steps_run"]})
         entry["cost"] = self._cost()  # the forward as this stage left it (e.g. dense before a switch, sparse after)
@@ -428,7 +479,13 @@ class Trainer:
         self.timer.flush()
         if not math.isfinite(train_loss):
             self.note("non-finite training loss", loss=train_loss)
-        dev = self.evaluate("dev", self.cfg.train.eval_batches)
+        if self.dist:
+            train_loss = self._mean_over_ranks(train_loss)
+            dev = [self.evaluate("dev", self.cfg.train.eval_batches) if self.dist.rank == 0 else None]
+            torch.distributed.broadcast_object_list(dev, src=0)  # rank 0 evaluates, the others wait for its result
+            dev = dev[0]
+        else:
+            dev = self.evaluate("dev", self.cfg.train.eval_batches)
         self.method.on_eval(self, step, dev)
         self.history.append({"step": step + 1, "train_loss": train_loss, "lr": step_lr,
                              "phase": self.phase, **{f"dev_{k}": v for k, v in dev.items()}})
@@ -439,6 +496,11 @@ class Trainer:
             self.best_by_phase[self.phase] = (val, step + 1, state)
             if stage.candidate and is_better(val, self.best["val"], self.hib):
                 self.best = {"val": val, "step": step + 1, "dev": dev, "state": state, "phase": self.phase}
+
+    def _mean_over_ranks(self, x: float) -> float:
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t)
+        return (t / self.dist.world_size).item()
 
     def _restore_train_artifact(self, stage: Train, payload: dict) -> None:
         self._skip_batches(payload["steps_run"])
@@ -614,6 +676,12 @@ class Trainer:
         self.model.train()
         return out
 
+    def _env(self) -> dict:
+        env = envmod.environment(str(self.device))
+        if self.dist:
+            env["world_size"] = self.dist.world_size
+        return env
+
     def _record(self, test, best_dev, best_step, best_phase, steps_run, measurements, wall) -> RunRecord:
         cfg, task = self.cfg, self.task
         metrics = {k: float(v) for k, v in test.items() if k in task.METRICS}
@@ -655,7 +723,7 @@ class Trainer:
             kind="run", task=cfg.task, method=cfg.method, scale=cfg.scale, seed=cfg.seed,
             config=cfg.to_dict(), config_hash=cfg.hash, metrics=metrics, higher_is_better=higher,
             measurements=measurements, budget=budget, method_info=info,
-            env=envmod.environment(str(self.device)), git=envmod.git_state(), date=envmod.now_utc(),
+            env=self._env(), git=envmod.git_state(), date=envmod.now_utc(),
             wall_time_s=wall, history=self.history, **{k: v for k, v in extra.items() if k in fields},
         )
 
