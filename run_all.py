@@ -7,13 +7,7 @@ says otherwise; more threads than cores make every CPU step many times slower wh
 import os
 import sys
 
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
+from bench.env import usable_cores as _cores  # torch-free: the thread count is set before torch loads
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", str(_cores()))  # before torch loads (OpenMP reads it once)

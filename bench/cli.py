@@ -601,9 +601,11 @@ def _busy_note() -> str | None:
     """One line when other processes keep the CPUs busy (CPU step times then grow and scatter)."""
     import os
 
+    from bench.env import usable_cores
+
     try:
         load = os.getloadavg()[0]
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        cores = usable_cores()
     except OSError:
         return None
     if load > 0.75 * cores:

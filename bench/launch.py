@@ -93,11 +93,9 @@ def _threads(slots: list) -> int | None:
     """CPU threads per local job: the cores shared among the jobs running at once."""
     if not slots:
         return None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // len(slots))
+    from bench.env import usable_cores
+
+    return max(1, usable_cores() // len(slots))
 
 
 def error_line(exc: BaseException) -> str:
@@ -136,8 +134,7 @@ def submitit_sweep(args, plan, settings, at_start: dict) -> tuple[list[Path], in
                 i, r = pending.pop(0)
                 slot = free.pop(0) if slots else None
                 tag = f"{r.task} {r.method.label} seed {r.seed}"
-                gpus = slot if slots and isinstance(slot, str) else None
-                job = ex.submit(job_main, r, settings, tag, at_start[r.path], cwd, env, gpus, threads)
+                job = ex.submit(job_main, r, settings, tag, at_start[r.path], cwd, env, slot, threads)
                 running[job] = (i, r, slot, tag)
                 if cluster == "slurm":
                     print(f"[{i}/{n}] {tag}: submitted as SLURM job {job.job_id}", flush=True)

@@ -46,7 +46,6 @@ Config lineage
 from __future__ import annotations
 
 import csv
-import os
 import random
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -57,6 +56,7 @@ import multiprocessing as mp
 import numpy as np
 
 from bench.config import TrainConfig
+from bench.env import usable_cores
 from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
@@ -148,13 +148,6 @@ def _gen_chunk(args: tuple) -> tuple[list[bytes], list[int]]:
     return trees, values
 
 
-def _n_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
 def _run_chunks(jobs: list[tuple], workers: int) -> list[tuple[list[bytes], list[int]]]:
     workers = min(workers, len(jobs))
     if workers <= 1:
@@ -179,7 +172,7 @@ def generate_listops(
     earlier split (or earlier in the same split) is skipped. Deterministic in (sizes, seed, parameters),
     independent of ``workers``; a split's first n trees do not depend on its requested size.
     """
-    workers = _n_workers() if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     seen: dict[bytes, None] = {}  # insertion-ordered set across splits
     result: dict[str, tuple[list[bytes], np.ndarray]] = {}
     for split in ("test", "dev", "train"):

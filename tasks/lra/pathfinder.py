@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.config import TrainConfig
+from bench.env import usable_cores
 from bench.errors import DataUnavailable
 from bench.models.lra_encoder import LRAModelConfig
 from bench.registry import register_task
@@ -295,13 +295,6 @@ def _gen_chunk(args: tuple):
     return imgs, labels, geoms
 
 
-def _n_workers() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        return os.cpu_count() or 1
-
-
 def generate_pathfinder(n: int, split: str = "train", seed: int = 0, contour_length: int = 14, distractor_length: int = 4,
                         num_distractor_snakes: int = 5, continuity: float = 1.0, workers: int | None = None,
                         with_geometry: bool = False):
@@ -312,7 +305,7 @@ def generate_pathfinder(n: int, split: str = "train", seed: int = 0, contour_len
     ``workers``; a smaller ``n`` gives a prefix."""
     cfg = (contour_length, distractor_length, num_distractor_snakes, continuity)
     jobs = [(seed, _SPLIT_INDEX[split], c, cfg, with_geometry) for c in range(-(-n // CHUNK))]
-    workers = min(_n_workers() if workers is None else workers, len(jobs))
+    workers = min(usable_cores() if workers is None else workers, len(jobs))
     if workers <= 1:
         parts = [_gen_chunk(j) for j in jobs]
     else:
