@@ -300,9 +300,7 @@ def _split_overrides(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _split_overrides(args)
-    from bench import distributed as distmod
-
-    if not distmod.is_main():  # a torchrun rank > 0: no plan, progress, summary (errors still go to stderr)
+    if not _rank0():  # a torchrun rank > 0: no plan, progress, summary (errors still go to stderr)
         import os
 
         sys.stdout = open(os.devnull, "w")

@@ -228,7 +228,7 @@ class Trainer:
             self.stage_records.append(entry)
             method.on_stage_end(self, stage)
             if any(isinstance(s, (Train, Compute)) for s in stages[index + 1:]):
-                if not self.dist or self.dist.rank == 0:
+                if distmod.is_main():
                     self._save_run_state(index)
                 self._barrier()
         self.stage = None
@@ -453,7 +453,7 @@ class Trainer:
                        "ended": ended, "history": self.history[history_from:], "phase": stage.name,
                        "best": self.best_by_phase.get(stage.name, (None, None, None))[:2],
                        "optimizer": self.optimizer.state_dict() if isinstance(nxt, Train) and nxt.optimizer == "continue" else None}
-            if not self.dist or self.dist.rank == 0:
+            if distmod.is_main():
                 self.artifacts.save(stage.artifact, key, payload, {"run": self._run_name(), "stage": stage.name,
                                                                    "git": envmod.git_state().get("commit")})
             self._barrier()
