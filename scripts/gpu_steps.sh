@@ -4,6 +4,7 @@
 # Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step[:seconds] [...]
 # Steps: kernel_check spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense
 #   text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels ap_lm ap_glue ap_mt dsti_sst2
+#   ap_glue2 ap_mt_types ap_lm_high dsti_glue dsti_seeds
 # Staged methods (AP, DSTI) keep their artifacts (the dense checkpoint, attention statistics, expert splits) in
 # $SPARSEBENCH_ARTIFACTS inside the box's tree, so a tau sweep trains the dense model once per task and seed.
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
@@ -61,6 +62,29 @@ step() {
     dsti_sst2)     # DSTI vs the MoEfication baseline on SST-2 (MiniLM), reduced: 1000 steps per training stage
                    python3 run_all.py --suite glue --tasks sst2 "${common[@]}" "$minilm" train.steps=1000 \
                      --methods dense:backend=flash dsti dsti:pipeline=moefication ;;
+    ap_glue2)      # GLUE SST-2 (1000 steps, as dsti_sst2), CoLA, STS-B: dense (auto, the fastest) -> retrain at 0.8
+                   # with the eval-only sweep, at 0.5 (the claim's ~50 %), and the random control at 0.8
+                   r=(--methods dense "$AP:tau=0.8,sweep=0/0.2/0.4/0.6" "$AP:tau=0.5" "$AP:tau=0.8,control=random")
+                   python3 run_all.py --suite glue --tasks sst2 "${common[@]}" "$minilm" train.steps=1000 "${r[@]}" &&
+                   python3 run_all.py --suite glue --tasks cola stsb "${common[@]}" "$minilm" "${r[@]}" ;;
+    ap_mt_types)   # Multi30k (reduced as ap_mt): all three types at one tau (faithful) and each type alone at 0.8,
+                   # each with the eval-only sweep of its weights; random control; dense (auto) as the fastest dense
+                   o=(train.steps=2000 data.beam_size=1); m="$AP:protocol=finetune,masked_steps=500,masked_lr=3e-4"
+                   w=sweep=0/0.2/0.4/0.6
+                   python3 run_all.py --suite mt --tasks multi30k "${common[@]}" "${o[@]}" --methods dense \
+                     "$m,tau=0.8,$w" "$m,tau=0.5" "$m,tau=0.8,control=random" "$m,tau=0.8,prune=enc_self,$w" \
+                     "$m,tau=0.8,prune=dec_self,$w" "$m,tau=0.8,prune=cross,$w" ;;
+    ap_lm_high)    # WikiText-2 at the claim's ~90 %: retrain at 0.9 and 0.95 (grid counting: the causal zeros are
+                   # ~half the grid), the 0.95 weights swept eval-only at 0.5/0.8/0.9
+                   python3 run_all.py --suite lm --tasks wikitext2 "${common[@]}" \
+                     --methods "$AP:tau=0.95,sweep=0.5/0.8/0.9" "$AP:tau=0.9" ;;
+    dsti_glue)     # DSTI and the MoEfication baseline on RTE, MRPC, CoLA, STS-B (small budgets); their dense (auto)
+                   # H200 runs come from ap_glue2 (CoLA, STS-B) and the committed results/glue/h200 (RTE, MRPC)
+                   python3 run_all.py --suite glue --tasks rte mrpc cola stsb "${common[@]}" "$minilm" \
+                     --methods dsti dsti:pipeline=moefication ;;
+    dsti_seeds)    # SST-2 seeds 1 and 2 at dsti_sst2's budget: dense (auto) and DSTI (MoEfication: seed 0 only)
+                   python3 run_all.py --suite glue --tasks sst2 "${common[@]}" "$minilm" train.steps=1000 \
+                     --seeds ${DSTI_SEEDS:-1 2} --methods dense dsti ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
