@@ -17,6 +17,7 @@ Examples
   python run_all.py --suite kernels sweep.lengths=4096 sweep.head_dims=64           # kernel sweep (GPU), one shape
   python run_all.py --suite kernels sweep.lengths= sweep.record_layouts=results/lra/<spion run>.json
                                                    # SPION's learned layouts vs equal-density patterns
+  python run_all.py --suite kernels --tasks moe_ffn_sweep sweep.tokens=4096,32768   # MoE FFN (DSTI) vs dense FFN
 
 Where things go
   Records go to --out (default runs/, which git ignores); the committed results/ and reports/ change only when you
@@ -288,6 +289,43 @@ def check_overrides(overrides: list[str], methods: list[MethodSpec]) -> None:
                                  f"({', '.join(m.name for m in methods)}) has a config field {field!r}")
 
 
+def sweep_overrides(task_cls, task_name: str, overrides) -> list[str]:
+    """The ``sweep.<field>=value`` overrides one measurement task (kernel sweep) takes: those named for it
+    (``<task>.sweep.<field>=``, passed on as ``sweep.<field>=``) and the generic ``sweep.<field>=`` ones whose field
+    its grid has (the task's ``SWEEP_CONFIG`` dataclass; a task without one takes every generic one). The tasks of
+    ``--suite kernels`` sweep different grids: ``sweep.lengths=`` reaches the block-sparse sweep, not the MoE one."""
+    grid = getattr(task_cls, "SWEEP_CONFIG", None)
+    names = {f.name for f in dataclasses.fields(grid)} if grid is not None else None
+    out = []
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if key.startswith(f"{task_name}.sweep."):
+            out.append(o.split(".", 1)[1])
+        elif key.startswith("sweep.") and (names is None or key.split(".")[1] in names):
+            out.append(o)
+    return out
+
+
+def check_sweep_overrides(overrides: list[str], tasks: list[str]) -> None:
+    """A generic ``sweep.<field>=`` override must reach at least one selected measurement task (else a typo or a
+    field of an unselected sweep would be silently ignored)."""
+    from bench import registry
+
+    sweeps = [t for t in tasks if getattr(registry.get_task(t), "KIND", "run") != "run"]
+    if not sweeps:  # training runs ignore sweep.* overrides (build_run_config)
+        return
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        if not key.startswith("sweep."):
+            continue
+        if not any(o in sweep_overrides(registry.get_task(t), t, [o]) for t in sweeps):
+            grids = {t: getattr(registry.get_task(t), "SWEEP_CONFIG", None) for t in sweeps}
+            have = "; ".join(f"{t}: {', '.join(sorted(f.name for f in dataclasses.fields(g)))}"
+                             for t, g in grids.items() if g is not None)
+            raise BenchError(f"invalid override key {key!r}: none of the selected sweeps has a field "
+                             f"{key.split('.')[1]!r} ({have})")
+
+
 def _split_overrides(args) -> None:
     """``--tasks a b key=v`` would swallow trailing overrides into the list; move them back."""
     for attr, is_override in (("tasks", lambda x: "=" in x), ("methods", lambda x: "=" in x and ":" not in x)):
@@ -457,6 +495,7 @@ def plan_runs(args) -> Plan:
             skipped.append((f"method {name}", reason))
     methods = [m for m in methods if not unusable.get(m.name)]
 
+    check_sweep_overrides(args.overrides, tasks)
     runs = []
     for t in tasks:
         task_cls = registry.get_task(t)
@@ -492,7 +531,7 @@ def plan_runs(args) -> Plan:
                 else:  # kernel sweep: name by the grid it measures
                     import hashlib
 
-                    grid = hashlib.sha256(repr(sorted(o for o in args.overrides if o.startswith("sweep."))).encode())
+                    grid = hashlib.sha256(repr(sorted(sweep_overrides(task_cls, t, args.overrides))).encode())
                     path = args.out / suite / f"{t}__{scale}__s{seed}__{grid.hexdigest()[:10]}.json"
                     expected = {"task": t, "scale": scale, "seed": seed}
                 task_plan.append(PlannedRun(t, m, seed, cfg, path, expected))
@@ -855,7 +894,7 @@ def run_one(task_name, spec: MethodSpec, seed, cfg, device, data_dir, scale, pro
 
     task_cls = registry.get_task(task_name)
     if cfg is None:  # a measurement-only task (kernel sweep)
-        sweep = [o for o in overrides if o.startswith("sweep.")]
+        sweep = sweep_overrides(task_cls, task_name, overrides)
         return task_cls(scale=scale, seed=seed, device=device, progress=progress, overrides=sweep).run()
     task = task_cls(cfg, data_dir)
     method = registry.get_method(spec.name)(cfg.method_cfg, task)

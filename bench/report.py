@@ -2,7 +2,7 @@
 
 ``python run_all.py --report`` calls ``render_reports(Path("results"), Path("reports"), references)``.
 One ``reports/<suite>.md`` per suite present (the suite is the first folder under ``results/``;
-``kind == "kernel_sweep"`` records are the ``kernels`` suite) plus ``reports/README.md``. Every number
+``kind == "kernel_sweep"`` and ``"moe_ffn_sweep"`` records are the ``kernels`` suite) plus ``reports/README.md``. Every number
 comes from a record; nothing is typed in, nothing is rerun. Per scale and task, runs whose records carry a forward
 cost (``cost``, a stage's ``cost``, operating points with a ``cost``) get a quality-vs-cost figure with every method
 on it (``bench.cost_figure``) and a table of its points; records without cost facts (older records) add none.
@@ -119,8 +119,11 @@ def figure_links(figs: list[Path]) -> str:
 
 # ----------------------------------------------------------------------------- records -> frames
 
+SWEEP_KINDS = ("kernel_sweep", "moe_ffn_sweep")  # measurement records (the kernels suite), not training runs
+
+
 def _suite_of(rec: dict, root: Path) -> str:
-    if rec["kind"] == "kernel_sweep":
+    if rec["kind"] in SWEEP_KINDS:
         return "kernels"
     parts = Path(rec["_path"]).relative_to(root).parts
     return parts[0] if len(parts) > 1 else "other"
@@ -851,6 +854,153 @@ def _kernel_sections(recs: list[dict], figdir: Path) -> tuple[list[str], list[Pa
     return md, written
 
 
+# ----------------------------------------------------------------------------- MoE FFN sweeps (kernels/moe_ffn.py)
+
+MOE_KEYS = ["scale", "gpu", "dtype", "model", "d_model", "d_ff"]
+MOE_MAIN = ("moe_triton", "moe_torch", "moe_triton_pairs")  # the kernel a table shows, first one measured
+
+
+def _moe_frames(recs: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(MoE rows, dense rows) of every ``moe_ffn_sweep`` record, with its scale and GPU; repeats of one point (several
+    records or seeds) are averaged."""
+    rows = [{"scale": r["scale"], "gpu": r["env"].get("gpu") or "CPU", **row}
+            for r in recs for row in r["measurements"].get("rows", [])]
+    df = pd.DataFrame(rows)
+    df = df.reindex(columns=sorted(set(df.columns) | {"ms", "graph_ms", "speedup_vs_dense", "graph_speedup_vs_dense",
+                                                      "skipped", "fraction_target", "d_e", "E", "kernel", *MOE_KEYS}))
+    for c in ("ms", "graph_ms", "speedup_vs_dense", "graph_speedup_vs_dense"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    df["skipped"] = df.skipped.astype(object).where(df.skipped.notna(), "")
+    is_dense = df.kernel.astype(str).str.startswith("dense")
+    dense = df[is_dense].groupby([*MOE_KEYS, "T"], as_index=False)[["ms", "graph_ms"]].mean()
+    moe = df[~is_dense].copy()
+    moe["d_e"], moe["E"] = moe.d_e.astype(int), moe.E.astype(int)
+    moe["fraction_target"] = moe.fraction_target.astype(float).round(6)
+    keys = [*MOE_KEYS, "d_e", "E", "kernel", "T", "fraction_target"]
+    num = moe.groupby(keys, as_index=False)[["ms", "speedup_vs_dense", "graph_speedup_vs_dense"]].mean()
+    skip = moe.groupby(keys)["skipped"].agg(lambda v: sorted(x for x in v if x)[0] if any(v) else "")
+    num["skipped"] = [skip[tuple(k)] for k in num[keys].itertuples(index=False)]
+    return num, dense
+
+
+def _best_point(g: pd.DataFrame, col: str) -> str:
+    b = g.loc[g[col].idxmax()]
+    return f"{fmt_ratio(b[col])} at T = {int(b['T'])}, f = {b['fraction_target']:g}"
+
+
+def _wins(g: pd.DataFrame, col: str) -> str:
+    """Where the speedup (``col``) of one (model, d_e, kernel) grid exceeds 1: per f, 'from T = X' when it does at
+    X and every larger T measured, 'only at T = a, b' when not monotone; fs with the same answer share a clause;
+    '' when it never does."""
+    g = g.dropna(subset=[col])
+    clauses: list[tuple[str, list[float]]] = []
+    for f, line in g.groupby("fraction_target", sort=True):
+        line = line.sort_values("T")
+        ts, wins = list(line["T"].astype(int)), [int(t) for t, v in zip(line["T"], line[col]) if v > 1.0]
+        what = ("never" if not wins else "at every T" if wins == ts else f"from T = {wins[0]}"
+                if wins == ts[-len(wins):] else "only at T = " + ", ".join(map(str, wins)))
+        if clauses and clauses[-1][0] == what:
+            clauses[-1][1].append(f)
+        else:
+            clauses.append((what, [f]))
+    if all(what == "never" for what, _ in clauses):
+        return ""
+    return "; ".join(f"{what} at f = {', '.join(f'{f:g}' for f in fs)}" if what == "never" else
+                     f"f = {', '.join(f'{f:g}' for f in fs)} {what}" for what, fs in clauses)
+
+
+def _break_even(g: pd.DataFrame, col: str) -> str:
+    """The sentence on one (model, d_e) grid of the shown kernel: from which T / f its speedup (``col``) exceeds 1,
+    or that it never does; with the answer of plain calls too when ``col`` is the graph replay's and it differs."""
+    wins = _wins(g, col)
+    out = (f"the FLOP saving becomes a wall-clock saving (speedup > 1) at {wins}" if wins else
+           "the FLOP saving never becomes a wall-clock saving in this grid")
+    out += f" (best {_best_point(g.dropna(subset=[col]), col)})"
+    if col != "speedup_vs_dense" and g.speedup_vs_dense.notna().any():
+        plain = _wins(g, "speedup_vs_dense")
+        if plain != wins:
+            out += f"; plain calls: {plain or 'never'}"
+    return out
+
+
+def _has(g: pd.DataFrame, kernel: str) -> bool:
+    return bool(g[g.kernel == kernel].speedup_vs_dense.notna().any())
+
+
+def _moe_table(g: pd.DataFrame, dense: pd.DataFrame, kernels: list[str]) -> str:
+    """Speedup over dense of ``kernels`` on one (model, d_e) grid: a row per (kernel, T), a column per f; a kernel
+    with graph replays shows 'plain / graph' in each cell (and in the dense time)."""
+    fs = sorted(g.fraction_target.unique())
+    cols = [f"f = {f:g}" for f in fs]
+    table = []
+    for k in kernels:
+        gk = g[g.kernel == k]
+        graph = gk.graph_speedup_vs_dense.notna().any()
+        for T in sorted(gk["T"].unique()):
+            dense_ms = fmt_num(dense.ms.get(T), NA) + (f" / {fmt_num(dense.graph_ms.get(T), NA)}" if graph else "")
+            row = {"kernel": k + (" (plain / graph)" if graph else ""), "T": str(int(T)), "dense ms": dense_ms}
+            for f, name in zip(fs, cols):
+                c = gk[(gk["T"] == T) & (gk.fraction_target == f)]
+                if c.empty:
+                    row[name] = NA
+                elif is_missing(c.speedup_vs_dense.iloc[0]):
+                    row[name] = "skip" if c.skipped.iloc[0] else NM
+                else:
+                    row[name] = fmt_ratio(c.speedup_vs_dense.iloc[0]) + (
+                        f" / {fmt_ratio(c.graph_speedup_vs_dense.iloc[0])}" if graph else "")
+            table.append(row)
+    return md_table(pd.DataFrame(table, columns=["kernel", "T", "dense ms", *cols]))
+
+
+def _moe_sections(recs: list[dict]) -> list[str]:
+    """``moe_ffn_sweep`` records: per hardware (GPU, dtype, scale) and (model, d_e), the speedup table of the main
+    MoE kernel (``MOE_MAIN``: the Triton one on CUDA, the torch backend on CPU) and ``torch._grouped_mm``, one
+    break-even sentence, and one line on the other kernels and skipped points of the rows."""
+    md = ["## MoE FFN sweep (`kernels/moe_ffn.py`)\n",
+          "Speedup = dense FFN time / MoE FFN time at the same point of one record (dense: two `F.linear`, cuBLAS on "
+          "CUDA); rows are tokens T, columns the target executed fraction f (each (token, expert) pair selected with "
+          "probability f, ragged per token). Where a cell has two values, the first is of plain calls (launched from "
+          "the host each time), the second of CUDA-graph replays of both (no host launch overhead); the break-even "
+          "sentence then uses the second. `grouped_mm` is `torch._grouped_mm`.\n"]
+    notes = sorted({f"- {r['scale']} ({r['env'].get('gpu') or 'CPU'}): " + "; ".join(filter(None, [
+        r["measurements"].get("timing"), f"reduced: {r['budget'].get('note') or '(no note)'}"
+        if r["budget"].get("reduced") else ""])) for r in recs})
+    md.append("\n".join(notes) + "\n")
+    if not any(r["measurements"].get("rows") for r in recs):
+        return md + ["(no MoE FFN sweep rows)\n"]
+    moe, dense = _moe_frames(recs)
+    for (scale, gpu, dtype), hw in moe.groupby(["scale", "gpu", "dtype"], sort=True):
+        md.append(f"### MoE FFN: {gpu}, {dtype}, {scale}\n")
+        if gpu == "CPU":
+            md.append("CPU timings (toy sizes) show how the sweep measures; they are not performance numbers: "
+                      "the comparisons that count come from a GPU record (`--scale small`).\n")
+        hw_dense = dense[(dense.scale == scale) & (dense.gpu == gpu) & (dense.dtype == dtype)]
+        for (model, D, d_ff, de, E), g in hw.groupby(["model", "d_model", "d_ff", "d_e", "E"], sort=True):
+            md.append(f"#### {model} (d_model = {int(D)}, d_ff = {int(d_ff)}), d_e = {de} ({E} experts)\n")
+            main = next((k for k in MOE_MAIN if _has(g, k)), None)
+            shown = [k for k in (main, "grouped_mm") if k and _has(g, k)]
+            d = hw_dense[(hw_dense.model == model) & (hw_dense.d_model == D) & (hw_dense.d_ff == d_ff)].set_index("T")
+            if shown:
+                md.append(_moe_table(g, d, shown))
+            if main:
+                gm = g[g.kernel == main]
+                col = "graph_speedup_vs_dense" if gm.graph_speedup_vs_dense.notna().any() else "speedup_vs_dense"
+                mode = "CUDA graph" if col.startswith("graph") else "plain calls"
+                md.append(f"**{model}, d_e = {de}** (`{main}`, {mode}): {_break_even(gm, col)}.\n")
+            else:
+                md.append(f"**{model}, d_e = {de}**: no MoE kernel was measured.\n")
+            extra = [f"`{k}` best {_best_point(g[g.kernel == k], 'speedup_vs_dense')} (plain calls)"
+                     for k in sorted(set(g.kernel) - set(shown)) if _has(g, k)]
+            for k in sorted(set(g.kernel)):
+                why = sorted({w for w in g[g.kernel == k].skipped if w})
+                if why:
+                    n = int((g[g.kernel == k].skipped != "").sum())
+                    extra.append(f"`{k}` skipped at {n} point(s) ({why[0]}" + (", ..." if len(why) > 1 else "") + ")")
+            if extra:
+                md.append("Also in the rows: " + "; ".join(extra) + ".\n")
+    return md
+
+
 # ----------------------------------------------------------------------------- env + entry point
 
 def _env_footer(recs: list[dict]) -> str:
@@ -969,8 +1119,9 @@ def render_reports(results_dir: Path, reports_dir: Path,
             md.append(f"**Known defects are not marked here**: `errata.json` could not be read ({errata_problem}).\n")
         md += _errata_section(recs, errata)
         md += _missing_tasks(recs, (suite_tasks or {}).get(suite, {}))
-        runs = [r for r in recs if r["kind"] != "kernel_sweep"]
+        runs = [r for r in recs if r["kind"] not in SWEEP_KINDS]
         sweeps = [r for r in recs if r["kind"] == "kernel_sweep"]
+        moe_sweeps = [r for r in recs if r["kind"] == "moe_ffn_sweep"]
         if runs:
             sec, figs = _run_sections(runs, suite, refs, figdir)
             md += sec
@@ -979,6 +1130,8 @@ def render_reports(results_dir: Path, reports_dir: Path,
             sec, figs = _kernel_sections(sweeps, figdir)
             md += sec
             written += figs
+        if moe_sweeps:
+            md += _moe_sections(moe_sweeps)
         md.append(_env_footer(recs))
         path = reports_dir / f"{suite}.md"
         atomic_write_text(path, "\n".join(md))

@@ -3,8 +3,8 @@
 # the finished runs.
 # Usage: source scripts/gpu_setup.sh; bash scripts/gpu_steps.sh OUT_DIR STEP_SECONDS step[:seconds] [...]
 # Steps: kernel_check spion_timing {listops,text,image,pathfinder}_matrix listops_dense listops_spion text_dense
-#   text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels ap_lm ap_glue ap_mt dsti_sst2
-#   ap_glue2 ap_mt_types ap_lm_high dsti_glue dsti_seeds
+#   text_spion image_seeds pathfinder_seeds mt qmsum glue_small glue_sst2 kernels moe_sweep ap_lm ap_glue ap_mt
+#   dsti_sst2 ap_glue2 ap_mt_types ap_lm_high dsti_glue dsti_seeds
 # Staged methods (AP, DSTI) keep their artifacts (the dense checkpoint, attention statistics, expert splits) in
 # $SPARSEBENCH_ARTIFACTS inside the box's tree, so a tau sweep trains the dense model once per task and seed.
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
@@ -42,6 +42,7 @@ step() {
     glue_small)    python3 run_all.py --suite glue --tasks cola mrpc rte stsb --methods dense "${common[@]}" "$minilm" ;;
     glue_sst2)     python3 run_all.py --suite glue --tasks sst2 --methods dense "${common[@]}" "$minilm" ;;
     kernels)       python3 run_all.py --suite kernels "${common[@]}" ;;
+    moe_sweep)     python3 run_all.py --suite kernels --tasks moe_ffn_sweep "${common[@]}" ;;
     kernel_check)  # correctness (fwd + grads vs fp64) and the GPU regression gate, before any kernel timing
                    python3 -m kernels.gpu_check --parts correctness --out "$res/gpu_check" &&
                    python3 -m pytest -q -p no:cacheprovider tests/benchmarks/test_gpu_kernels.py ;;

@@ -4,6 +4,7 @@ import importlib
 # One line per task module; a new task is one new file plus one line here.
 _TASK_MODULES = [
     "tasks.kernel_sweep",
+    "tasks.moe_ffn_sweep",
     "tasks.lra.listops",
     "tasks.lra.text",
     "tasks.lra.image",

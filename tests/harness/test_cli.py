@@ -155,7 +155,8 @@ def test_resume_says_when_the_kept_record_was_measured_elsewhere(tmp_path):
 
 def test_kernels_suite_takes_no_methods_and_checks_record_layouts_first(tmp_path):
     r = run_all("--suite", "kernels", "--dry-run", "--out", str(tmp_path))
-    assert r.returncode == 0 and "skip method" not in r.stdout and r.stdout.count("[todo]") == 1
+    assert r.returncode == 0 and "skip method" not in r.stdout and r.stdout.count("[todo]") == 2
+    assert "kernel_sweep__" in r.stdout and "moe_ffn_sweep__" in r.stdout  # a suite runs all its tasks
     r = run_all("--suite", "kernels", "sweep.record_layouts=/nonexistent.json", "--out", str(tmp_path))
     assert r.returncode == 2 and "sweep.record_layouts: /nonexistent.json is not a file" in r.stderr
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
