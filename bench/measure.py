@@ -7,7 +7,7 @@ optimizer state (AdamW creates it lazily in the first step) are. Methods that ch
 (SPION) get one peak per phase: the peak statistics restart at each phase change.
 CPU: ``perf_counter`` around each step (the step ends with the optimizer update, which is synchronous);
 memory is not measured (reported as None, and the report prints "n/m").
-GPU-busy fraction (``BusyProfiler``, CUDA only): once per phase, right after its timing warm-up, a few training
+GPU-busy fraction (``BusyProfiler``, CUDA only): once per phase, after its timing warm-up and ``BUSY_AFTER`` steps, a few training
 steps (``BUSY_STEPS``) run under ``torch.profiler`` (CUDA activity only) and are left out of the step-time
 statistics; busy = the union of the device intervals of the kernels, memcpys and memsets in that window, wall = host
 clock from a synchronize before the first step's forward to one before the next step's (batch fetch and method
@@ -24,6 +24,10 @@ from collections import defaultdict
 import torch
 
 BUSY_STEPS = int(os.environ.get("SPARSEBENCH_BUSY_STEPS", "3"))  # steps profiled per phase; 0 disables
+# The Trainer profiles no earlier than this many steps into a phase: tasks with a new batch shape every step
+# (MT's length buckets) build cuDNN/cuBLAS plans per new shape for the first tens of steps, which a window at the
+# timing warm-up's end measured as host time (Multi30k: 0.005 busy at steps 5-7 while the median step is 36 ms).
+BUSY_AFTER = int(os.environ.get("SPARSEBENCH_BUSY_AFTER", "50"))
 DEVICE_KINDS = ("kernel", "gpu_memcpy", "gpu_memset")  # kineto activity types that keep the GPU busy
 
 
@@ -98,7 +102,8 @@ class BusyProfiler:
         except Exception as e:  # a measurement never stops a run
             self.by_phase[phase] = {"error": f"{type(e).__name__}: {e}"[:200]}
             return False
-        self._active = {"phase": phase, "prof": prof, "steps": 0, "t0": time.perf_counter_ns()}
+        self._active = {"phase": phase, "prof": prof, "steps": 0, "t0": time.perf_counter_ns(),
+                        "from_step": self._seen[phase] - 1}
         return True
 
     def step_done(self) -> None:
@@ -117,7 +122,7 @@ class BusyProfiler:
             if not kernels:  # a step always runs kernels: the profiler did not see the device
                 raise RuntimeError(f"the profiler recorded no device kernel in {a['steps']} steps")
             self.by_phase[a["phase"]] = {"busy_ms": busy_ns / 1e6, "wall_ms": wall_ns / 1e6, "kernels": kernels,
-                                         "steps": a["steps"]}
+                                         "steps": a["steps"], "from_step": a["from_step"]}
         except Exception as e:
             self.by_phase[a["phase"]] = {"error": f"{type(e).__name__}: {e}"[:200]}
 
@@ -133,12 +138,13 @@ class BusyProfiler:
             out["gpu_busy_fraction"] = sum(d["busy_ms"] for d in ok.values()) / sum(d["wall_ms"] for d in ok.values())
             out["kernel_launches_per_step"] = sum(d["kernels"] for d in ok.values()) / steps
             out["gpu_busy_steps"] = steps
+            out["gpu_busy_windows"] = ok  # raw per-phase windows (busy/wall ms, kernels, steps, first step of the phase)
         if len(ok) > 1:
             out["gpu_busy_fraction_by_phase"] = {p: d["busy_ms"] / d["wall_ms"] for p, d in ok.items()}
             out["kernel_launches_per_step_by_phase"] = {p: d["kernels"] / d["steps"] for p, d in ok.items()}
         errors = {p: d["error"] for p, d in sorted(self.by_phase.items()) if "error" in d}
         out["gpu_busy_note"] = ("union of kernel/memcpy/memset device intervals over host wall time of "
-                                f"{self.steps} profiled steps per phase after the timing warm-up (torch.profiler, "
+                                f"{self.steps} profiled steps per phase, from step {self.after} of the phase on (torch.profiler, "
                                 "CUDA activity; these steps are not in the step-time statistics)")
         if errors:
             out["gpu_busy_errors"] = errors

@@ -343,8 +343,10 @@ def _efficiency(t: pd.DataFrame, extra: dict | None = None) -> str:
     out.append(md_table(table))
     if g.busy.notna().any():
         out.append("`GPU busy`: device time (union of kernel, memcpy and memset intervals) over host wall time of a "
-                   "few profiled training steps after warm-up (torch.profiler; not in the step-time statistics), "
-                   "mean over runs; well below 1 means the step waits on the host (Python, launches, syncs).\n")
+                   "few profiled training steps from step 50 of each phase on (torch.profiler; not in the step-time "
+                   "statistics), mean over runs; well below 1 means the step waits on the host (Python, launches, "
+                   "syncs). Records without `gpu_busy_windows` profiled right after the 5-step timing warm-up, where a "
+                   "task with a new batch shape per step (MT, GLUE) still builds kernel plans: a lower bound there.\n")
     if g.phased.any():
         out.append(f"Runs that switch attention during training ({', '.join(g.index[g.phased])}) are timed here over "
                    f"all their steps and their peak memory is the largest of any phase{_extra(extra, NOTE_PHASED)}.\n")

@@ -36,7 +36,7 @@ from bench import env as envmod
 from bench.artifacts import ArtifactStore, artifact_key
 from bench.config import FULL_BUDGET_SCALES, RunConfig, TrainConfig
 from bench.errors import BenchError
-from bench.measure import BusyProfiler, PeakMemory, StepTimer, time_inference
+from bench.measure import BUSY_AFTER, BusyProfiler, PeakMemory, StepTimer, time_inference
 from bench.records import RunRecord
 from bench.stages import Compute, Sweep, Train
 
@@ -199,7 +199,7 @@ class Trainer:
         self.best = {"val": None, "step": -1, "dev": {}, "state": None, "phase": None}
         self.best_by_phase: dict[str, tuple] = {}  # phase -> (dev value, step, CPU copy of the weights)
         self.timer, self.mem = StepTimer(self.device, tc.timing_warmup_steps), PeakMemory(self.device)
-        self.busy = BusyProfiler(self.device, tc.timing_warmup_steps)  # CUDA only; its steps are not timed
+        self.busy = BusyProfiler(self.device, max(tc.timing_warmup_steps, BUSY_AFTER))  # CUDA only; not timed
         self._batches = task.train_batches(self.gen)
         self._batches_drawn = 0
         self._lineage: list[dict] = []

@@ -158,9 +158,26 @@ def test_profiled_steps_are_left_out_of_the_step_times(tmp_path, monkeypatch, fa
 
     monkeypatch.setattr(bench.train, "BusyProfiler",
                         lambda device, after: M.BusyProfiler(SimpleNamespace(type="cuda"), after, steps=3))
+    monkeypatch.setattr(bench.train, "BUSY_AFTER", 0)  # only the warm-up delays the window here
     cfg, task = _listops(tmp_path, monkeypatch, f"train.timing_warmup_steps={warmup}")
     rec = Trainer(cfg, task, Eager(cfg.method_cfg, task), torch.device("cpu"), progress=False, log=lambda s: None).run()
     m = rec.measurements
     assert m["gpu_busy_steps"] == profiled and m["train_steps_timed"] == 40 - warmup - profiled
     assert m["gpu_busy_fraction"] == pytest.approx(0.6) and m["kernel_launches_per_step"] == pytest.approx(2 / profiled)
     assert len(_FakeProfile.made) == 1
+
+
+def test_window_waits_for_busy_after_steps_and_keeps_its_raw_numbers(tmp_path, monkeypatch, fake_cuda):
+    """Early steps of variable-shape tasks build kernel plans per new shape: the window starts at BUSY_AFTER."""
+    import bench.train
+
+    monkeypatch.setattr(bench.train, "BusyProfiler",
+                        lambda device, after: M.BusyProfiler(SimpleNamespace(type="cuda"), after, steps=3))
+    monkeypatch.setattr(bench.train, "BUSY_AFTER", 12)
+    cfg, task = _listops(tmp_path, monkeypatch)  # warm-up 5 < 12: the window is steps 12-14 of the phase
+    rec = Trainer(cfg, task, Eager(cfg.method_cfg, task), torch.device("cpu"), progress=False, log=lambda s: None).run()
+    m = rec.measurements
+    assert m["gpu_busy_steps"] == 3 and m["train_steps_timed"] == 40 - 5 - 3
+    (window,) = m["gpu_busy_windows"].values()
+    assert window["from_step"] == 12 and window["steps"] == 3 and window["wall_ms"] > 0
+    assert "from step 12 of the phase" in m["gpu_busy_note"]
