@@ -9,6 +9,9 @@
 # $SPARSEBENCH_ARTIFACTS inside the box's tree, so a tau sweep trains the dense model once per task and seed.
 out=${1:?out dir}; limit=${2:?seconds per step}; shift 2
 res=/tmp/sparsebench-results; mkdir -p "$res" "$out"
+# SEED_RESULTS=1: copy the committed records in first (never over a file already there), so --resume skips the runs
+# they hold by name. Names carry the config hash, not the GPU: an H100 record also skips the same run on the H200.
+[ -n "$SEED_RESULTS" ] && cp -rn results/. "$res/"
 export SPARSEBENCH_ARTIFACTS="${SPARSEBENCH_ARTIFACTS:-$PWD/.gpu_artifacts}"
 common=(--scale small --data-dir .gpu/data --out "$res" --no-report --no-progress --resume ${DRY:+--dry-run})
 minilm=model.pretrained=.gpu/all-MiniLM-L6-v2-fp16  # fp16 copy of the pip package's weights (carry limit)
@@ -86,6 +89,16 @@ step() {
     dsti_seeds)    # SST-2 seeds 1 and 2 at dsti_sst2's budget: dense (auto) and DSTI (MoEfication: seed 0 only)
                    python3 run_all.py --suite glue --tasks sst2 "${common[@]}" "$minilm" train.steps=1000 \
                      --seeds ${DSTI_SEEDS:-1 2} --methods dense dsti ;;
+    ap_mt_lean)    # Multi30k AP without the dense baseline (committed: mt_multi30k__dense__small__s0__2eedc6450e):
+                   # all three types at 0.8 (+ eval-only taus), then each type alone
+                   o=(train.steps=2000 data.beam_size=1); m="$AP:protocol=finetune,masked_steps=500,masked_lr=3e-4"
+                   python3 run_all.py --suite mt --tasks multi30k "${common[@]}" "${o[@]}" --methods "$m,tau=0.8,sweep=0.4/0.6" \
+                     "$m,tau=0.8,prune=cross" "$m,tau=0.8,prune=enc_self" "$m,tau=0.8,prune=dec_self" \
+                     "$m,tau=0.8,control=random" ;;
+    ap_glue_rest)  # what ap_glue2 left: CoLA tau 0.5 and random, STS-B (dense + the three AP runs)
+                   r=(--methods "$AP:tau=0.8,sweep=0/0.2/0.4/0.6" "$AP:tau=0.5" "$AP:tau=0.8,control=random")
+                   python3 run_all.py --suite glue --tasks cola "${common[@]}" "$minilm" "${r[@]}" &&
+                   python3 run_all.py --suite glue --tasks stsb "${common[@]}" "$minilm" --methods dense "${r[@]:1}" ;;
     *) echo "unknown step $1"; return 2 ;;
   esac
 }
