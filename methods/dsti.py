@@ -1133,7 +1133,9 @@ _SECTION_INTRO = (
     "relative FLOPs, never tau (spec pitfall 2). FFN time / dense: the measured wall-clock time of the MoE FFNs "
     "(router, selection and kernels.moe_ffn, as run at the point) over that of the dense FFNs, measured per layer on "
     "the same captured FFN inputs (the first time_batches batches of the cost split), in one process (CUDA events "
-    "after a warm-up), summed over layers; n/m: not measured (CPU runs).\n")
+    "after a warm-up), summed over layers; n/m: not measured (CPU runs). Per DSTI run, a figure of the FFN activation "
+    "zeros per layer after each stage and of the experts executed per token, per layer, at DYN-CUM tau 0.9 (else the "
+    "middle point by FLOPs).\n")
 
 
 def _load_points(path) -> list[dict]:
@@ -1209,4 +1211,67 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
             figs = ctx.save(fig, task, "dsti_quality_vs_flops")
             written += figs
             md.append(R.figure_links(figs))
+        drawn = set()
+        for r in t[mine.reindex(t.index, fill_value=False)].sort_values(["label", "seed", "path"]).itertuples():
+            if (r.label, r.seed) in drawn:  # one figure per run name (a repeated run would overwrite the file)
+                continue
+            drawn.add((r.label, r.seed))
+            figs = _experts_figure(r, task, ctx)
+            if figs:
+                written += figs
+                md.append(R.figure_links(figs))
     return md, written
+
+
+def _histogram_point(points: list[dict]) -> dict | None:
+    """The operating point whose per-layer expert histograms are drawn: DYN-CUM at tau 0.9 (the spec's default)
+    if the run has it, else its middle point by relative FLOPs."""
+    have = [p for p in points if any("experts_histogram" in (l or {}) for l in (p.get("facts") or {}).get("per_layer") or [])]
+    for p in have:
+        if (p.get("point") or {}).get("rule") == "dyn_cum" and (p.get("point") or {}).get("tau") == 0.9:
+            return p
+    have.sort(key=lambda p: ((p.get("facts") or {}).get("relative_flops") or 0.0, _json_key(p.get("point"))))
+    return have[len(have) // 2] if have else None
+
+
+def _json_key(x) -> str:
+    import json
+
+    return json.dumps(x, sort_keys=True, default=str)
+
+
+def _experts_figure(r, task, ctx) -> list:
+    """One run: FFN activation zeros per layer after the ReLU stage and after the sparsity fine-tune (stage 1), and
+    the histogram of experts executed per token, per layer, at one operating point."""
+    from matplotlib.figure import Figure
+
+    info = r.info or {}
+    if info.get("pipeline") != "dsti":
+        return []
+    point = _histogram_point(_load_points(r.path))
+    zeros = {name: (info.get(key) or {}).get("zero_fraction") for name, key in
+             (("ReLU-dense", "relu_dense"), ("after sparsity fine-tune", "sparse_dense"))}
+    zeros = {k: v for k, v in zeros.items() if v}
+    if point is None and not zeros:
+        return []
+    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    az, ah = fig.subplots(1, 2, width_ratios=[1, 2])
+    for name, z in zeros.items():
+        az.plot(range(len(z)), z, marker="o", ms=3, label=name)
+    az.set_xlabel("layer")
+    az.set_ylabel("zero FFN activations (dev)")
+    az.set_ylim(0, 1)
+    az.legend(fontsize=6)
+    if point is not None:
+        pt = point.get("point") or {}
+        for i, layer in enumerate((point.get("facts") or {}).get("per_layer") or []):
+            h = np.asarray(layer.get("experts_histogram") or [], dtype=float)
+            if h.sum() > 0:
+                ah.plot(np.arange(len(h)), h / h.sum(), lw=1, label=f"layer {i}")
+        thr = pt.get("tau", pt.get("k"))
+        ah.set_title(f"experts executed per token at {pt.get('rule', '?')} {thr} (padding counted)", fontsize=8)
+        ah.set_xlabel("experts executed")
+        ah.set_ylabel("fraction of tokens")
+        ah.legend(fontsize=6, ncol=2)
+    fig.suptitle(f"{task}: {r.label} s{r.seed}", fontsize=9)
+    return ctx.save(fig, task, r.label, f"s{r.seed}", "dsti_experts")

@@ -432,6 +432,9 @@ def test_tiny_staged_run(tmp_path, monkeypatch):
     text = (tmp_path / "reports" / "glue.md").read_text()
     assert "### DSTI" in text and "dyn_max" in text and "dsti_quality_vs_flops" in text
     assert "FFN time / dense" in text and "n/m" in text  # CPU: not measured
+    # the per-layer activation zeros and executed-expert histograms of the run
+    assert "dsti_s0_dsti_experts" in text
+    assert (tmp_path / "reports" / "figures" / "glue_tiny_glue_sst2_dsti_s0_dsti_experts.png").is_file()
     # CPU: FFN timing not measured by default (None, not a number)
     for o in ops:
         assert o["facts"]["ffn_time_ratio"] is None and o["facts"]["ffn_ms_moe"] is None
