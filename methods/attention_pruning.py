@@ -1014,7 +1014,9 @@ def _report_section(s, ctx) -> tuple[list[str], list]:
           "Triton kernel, computes kept blocks only), the pruned fraction of the grid (what the nominal tau counts, "
           "structural zeros included) and of the valid entries of the observed sequences (compare methods on this "
           "one), the block density the kernel computes, and the train step time against the fastest dense method "
-          "of the task measured in the same sweep.\n"]
+          "of the task measured in the same sweep. On padded inputs (GLUE, MT) the grid is mostly padding that AP "
+          "prunes first, so at one nominal tau AP and RANDOM_PRUNE (tau of the in-box entries, drawn uniformly) can "
+          "remove very different shares of the entries real sequences use: compare them on that column.\n"]
     if ref:
         md.append(f"`ref:` points (figure): {ref['setting']}; plotted as the ratio to their own tau = 0 value against "
                   "nominal tau. Our curves use the pruned fraction of valid entries; the settings differ (model, data, "
