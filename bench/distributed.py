@@ -4,6 +4,8 @@
 Under torchrun each rank takes ``cuda:LOCAL_RANK`` (or the CPU), the process group is nccl on CUDA and gloo on CPU,
 every rank draws the same global batch from the same seeded generator and trains on its contiguous share of its rows
 (``shard``), so the global batch is exactly the single-process one; DDP averages the gradients of the shares.
+Anything else a method derives from the training batches (SPION's attention maps) must be summed over the ranks
+(``sum_over_ranks``) before a decision is taken on it, so that every rank takes the same decision at the same step.
 """
 from __future__ import annotations
 
@@ -64,3 +66,15 @@ def shard(batch, r: int, world: int, global_bs: int):
     if isinstance(batch, (list, tuple)) and not hasattr(batch, "_fields"):
         return type(batch)(shard(v, r, world, global_bs) for v in batch)
     return batch
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of ``t`` over the ranks, the same bits on every rank (a collective: every rank must call
+    it at the same point); ``t`` itself in a plain process."""
+    if info() is None:
+        return t
+    import torch.distributed as dist
+
+    t = t.clone()
+    dist.all_reduce(t)
+    return t

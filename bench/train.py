@@ -532,10 +532,11 @@ class Trainer:
                 self.artifacts_used.append({"stage": stage.name, "kind": stage.artifact, "key": key, "reused": True})
                 self.log(f"stage {stage.name}: reused {stage.artifact} {key[:12]}")
         if payload is None:
-            payload = stage.fn(self)
+            payload = stage.fn(self)  # under torchrun every rank computes it (same weights; AP: the whole split)
             if stage.artifact:
-                self.artifacts.save(stage.artifact, key, payload, {"run": self._run_name(), "stage": stage.name,
-                                                                   "git": envmod.git_state().get("commit")})
+                if distmod.is_main():  # rank 0 alone writes it (no collective here: a rank may have found it cached)
+                    self.artifacts.save(stage.artifact, key, payload, {"run": self._run_name(), "stage": stage.name,
+                                                                       "git": envmod.git_state().get("commit")})
                 self.artifacts_used.append({"stage": stage.name, "kind": stage.artifact, "key": key, "reused": False})
         entry["reused"] = reused
         if stage.apply is not None:

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from bench import distributed as distmod
 from bench.attention import masked_sdpa
 from bench.blocks import block_size, lra_task_key
 from bench.errors import BenchError
@@ -327,8 +328,29 @@ class _Spion(Method):
         if self.transition_step is None and self._is_check_step(step):
             self._check(trainer, step)
 
+    def _take_maps(self, trainer) -> list[torch.Tensor | None]:
+        """Each layer's mean map over the sequences captured since the last check (resets the accumulators).
+
+        Under torchrun each rank captured only its share of every batch: the sums and sequence counts of all ranks
+        are added first (one all-reduce), so every rank gets the map of the whole global batch -- the single-process
+        map -- and the criterion fires at the same step with the same layouts on every rank (a rank switching alone
+        would leave DDP waiting on the others)."""
+        if distmod.info() is None:
+            return [core.take_map() for core in self.cores]
+        sums, counts = [], []
+        for core in self.cores:
+            acc, core.stats, core.capture = core.stats, None, False
+            n = acc.count if acc is not None else 0
+            sums.append(acc.sum.reshape(-1).float() if n else torch.zeros(core.L * core.L, device=trainer.device))
+            counts.append(float(n))
+        flat = distmod.sum_over_ranks(torch.cat([s.to(trainer.device) for s in sums]
+                                                + [torch.tensor(counts, device=trainer.device)]))
+        total = flat[-len(self.cores):].tolist()
+        return [flat[i * c.L * c.L:(i + 1) * c.L * c.L].view(c.L, c.L) / n if n else None
+                for i, (c, n) in enumerate(zip(self.cores, total))]
+
     def _check(self, trainer, step: int) -> None:
-        maps = [core.take_map() for core in self.cores]
+        maps = self._take_maps(trainer)
         if any(m is None for m in maps):  # no training forward captured statistics (should not happen)
             trainer.note("spion check skipped: no attention statistics captured")
             return
