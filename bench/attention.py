@@ -1,7 +1,8 @@
 """Dense attention primitives shared by methods: the textbook softmax (``eager_attention``), SDPA with key padding
 and/or causality (``masked_sdpa``), self-attention over the real tokens only through a jagged nested tensor
-(``sdpa_jagged``, for SDPA's flash kernel, which takes no mask), and the once-per-batch padding test
-(``has_padding``, ``PerMask``). ``methods/dense.py`` builds the dense baselines from them; sparse methods use them
+(``sdpa_jagged``, for SDPA's flash kernel, which takes no mask), and the padding test (``has_padding``: answered
+from the host when ``Task.to_device`` recorded the batch's masks there, ``note_host_mask``; else once per batch on
+the device, ``PerMask``). ``methods/dense.py`` builds the dense baselines from them; sparse methods use them
 for their dense phases or fallbacks (e.g. SPION's dense phase runs ``masked_sdpa``, the dense baseline's path).
 """
 from __future__ import annotations
@@ -46,11 +47,56 @@ class PerMask:
 
 _ANY_PADDING = PerMask()
 
+# Masks whose content is known on the host: id(device tensor) -> (weakref, its _version, every entry True?)
+_HOST_KNOWN: dict[int, tuple] = {}
+_HOST_KNOWN_MAX = 64  # a few batches' masks (Retrieval has two per batch); dead tensors leave on their own
+
+
+def note_host_mask(device_mask: torch.Tensor, host_mask: torch.Tensor) -> None:
+    """Record what ``has_padding`` will be asked about ``device_mask``, read from ``host_mask`` (the CPU tensor it
+    was copied from) before the batch leaves the host, so that the question costs no device-to-host sync
+    (issue 15). ``Task.to_device`` calls it for every bool tensor of a batch; an in-place edit of
+    ``device_mask`` afterwards (its ``_version`` moves) makes ``has_padding`` ask the device again."""
+    if device_mask.dtype != torch.bool or host_mask.device.type != "cpu" or device_mask.shape != host_mask.shape:
+        return
+    _remember(device_mask, bool(host_mask.all()))
+
+
+def same_padding(new_mask: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``new_mask`` hides a key exactly when ``mask`` does (e.g. a CLS position prepended as True): carry over what
+    the host knows about ``mask``. Returns ``new_mask``."""
+    known = _host_all(mask)
+    if known is not None:
+        _remember(new_mask, known)
+    return new_mask
+
+
+def _remember(mask: torch.Tensor, all_true: bool) -> None:
+    i = id(mask)
+    _HOST_KNOWN.pop(i, None)  # (re)inserted last: the oldest entries go first
+    ref = weakref.ref(mask, lambda r, i=i: _HOST_KNOWN.pop(i, None) if _HOST_KNOWN.get(i, (None,))[0] is r else None)
+    _HOST_KNOWN[i] = (ref, mask._version, all_true)
+    while len(_HOST_KNOWN) > _HOST_KNOWN_MAX:
+        _HOST_KNOWN.pop(next(iter(_HOST_KNOWN)))
+
+
+def _host_all(mask: torch.Tensor) -> bool | None:
+    """Is every entry of ``mask`` True, as recorded on the host (None: not recorded, or edited since)?"""
+    e = _HOST_KNOWN.get(id(mask))
+    if e is None or e[0]() is not mask or e[1] != mask._version:
+        return None
+    return e[2]
+
 
 def has_padding(key_padding_mask) -> bool:
-    """Does this (B, Lk) mask hide any key? A device-to-host sync, asked once per batch (``PerMask``)."""
+    """Does this (B, Lk) mask hide any key? Answered from the host when the batch's mask was recorded there
+    (``note_host_mask``, done by ``Task.to_device``); otherwise a device-to-host sync, asked once per batch
+    (``PerMask``)."""
     if key_padding_mask is None:
         return False
+    known = _host_all(key_padding_mask)
+    if known is not None:
+        return not known
     return _ANY_PADDING.get(key_padding_mask, None, lambda: not bool(key_padding_mask.all()))
 
 

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from bench.attention import note_host_mask
 from bench.config import TrainConfig
 
 
@@ -88,8 +89,17 @@ class Task:
         raise NotImplementedError
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
+        """The batch on ``device``. What ``bench.attention.has_padding`` will ask about each bool tensor (a padding
+        mask) is read here, on the host, so that the attention layers never sync to ask it (issue 15)."""
         if isinstance(batch, dict):
-            return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            return {k: (_moved(v, device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if isinstance(batch, (list, tuple)):
-            return type(batch)(v.to(device, non_blocking=True) if torch.is_tensor(v) else v for v in batch)
+            return type(batch)(_moved(v, device) if torch.is_tensor(v) else v for v in batch)
         return batch.to(device)
+
+
+def _moved(v: torch.Tensor, device: torch.device) -> torch.Tensor:
+    out = v.to(device, non_blocking=True)
+    if v.dtype == torch.bool:
+        note_host_mask(out, v)
+    return out

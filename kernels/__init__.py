@@ -3,7 +3,7 @@
 Import after setting ``TRITON_INTERPRET=1`` if you want the Triton kernels on CPU.
 """
 from .attention_stats import AttentionStatsAccumulator, attention_stats
-from .block_sparse_attention import HAS_TRITON, block_sparse_attention, block_sparse_attention_reference
+from .block_sparse_attention import HAS_TRITON, block_sparse_attention, block_sparse_attention_reference, resolve_backend
 from .errors import KernelArgumentError
 from .layout import (
     LayoutLUT,
@@ -35,6 +35,7 @@ from .moe_ffn import MoEDispatch, moe_dispatch, moe_ffn, moe_ffn_flops, moe_ffn_
 __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_reference",
+    "resolve_backend",
     "attention_stats",
     "AttentionStatsAccumulator",
     "HAS_TRITON",

@@ -818,6 +818,16 @@ def _validate(q, k, v, layout, block_size, causal, key_padding_mask, softmax_mod
             raise E(f"element_mask: expected shape ({H} or 1, {LQ}, {LK}) (H, Lq, Lk), got {tuple(shape)}")
 
 
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """The backend :func:`block_sparse_attention` runs for ``backend`` and inputs like ``q``: ``"auto"`` is
+    ``"triton"`` on CUDA (when Triton is installed), else ``"torch"``.  Callers that keep a layout in two places
+    use it to pick one: the Triton path reads the layout on the host on every call (a CPU layout never syncs),
+    the torch reference computes with it on q's device."""
+    if backend == "auto":
+        return "triton" if (q.is_cuda and HAS_TRITON) else "torch"
+    return backend
+
+
 def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, key_padding_mask=None,
                            softmax_mode="renorm", sm_scale=None, backend="auto", element_mask=None,
                            empty_rows="zero"):
@@ -838,8 +848,7 @@ def block_sparse_attention(q, k, v, layout, *, block_size=64, causal=False, key_
               element_mask, empty_rows)
     D = q.shape[-1]
     sm_scale = float(D ** -0.5 if sm_scale is None else sm_scale)
-    if backend == "auto":
-        backend = "triton" if (q.is_cuda and HAS_TRITON) else "torch"
+    backend = resolve_backend(backend, q)
     if backend == "torch":
         return block_sparse_attention_reference(
             q, k, v, layout, block_size=block_size, causal=causal, key_padding_mask=key_padding_mask,

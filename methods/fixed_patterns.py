@@ -19,7 +19,7 @@ from bench.errors import BenchError
 from bench.method import AttentionCore, AttentionSpec, Method, MethodContext
 from bench.registry import register_method
 from kernels import (bigbird_layout, block_sparse_attention, block_sparse_flops, layout_density, local_layout, longformer_layout,
-                     strided_layout)
+                     resolve_backend, strided_layout)
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,17 @@ class FixedCore(AttentionCore):
 
     def forward(self, q, k, v, key_padding_mask=None):  # (B, H, L, D); mask (B, L), True = real
         nb = math.ceil(q.shape[2] / self.block_size)
-        return block_sparse_attention(q, k, v, self.layout_for(nb, q.device), block_size=self.block_size,
+        # The Triton path reads the layout's bytes on the host on every call to find its LUT: a CPU layout costs a
+        # memcmp, a CUDA one a device-to-host copy, i.e. one stream sync per layer per step (issue 15). The torch
+        # reference computes with the layout on q's device: it gets a copy there, made once.
+        where = "cpu" if resolve_backend(self.backend, q) == "triton" else q.device
+        return block_sparse_attention(q, k, v, self.layout_for(nb, where), block_size=self.block_size,
                                       causal=self.spec.causal, key_padding_mask=key_padding_mask,
                                       softmax_mode="renorm", backend=self.backend)
 
     def flops(self, q, k, key_padding_mask=None) -> float:  # what the kernel multiplies: whole kept blocks
         B, H, L, D = q.shape
-        lay = self.layout_for(math.ceil(L / self.block_size), q.device).cpu()
+        lay = self.layout_for(math.ceil(L / self.block_size), "cpu")
         return float(block_sparse_flops(lay, self.block_size, B, D, causal=self.spec.causal, lq=L, lk=L, n_heads=H))
 
     def density(self) -> float | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +34,7 @@ from bench.errors import BenchError
 from bench.method import AttentionCore, AttentionSpec, Method, MethodContext
 from bench.registry import register_method
 from bench.stages import Train
-from kernels import AttentionStatsAccumulator, block_sparse_attention, block_sparse_flops, layout_density
+from kernels import AttentionStatsAccumulator, block_sparse_attention, block_sparse_flops, layout_density, resolve_backend
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
@@ -190,6 +191,7 @@ class SpionCore(AttentionCore):
         self.nb = self.L // cfg.block_size
         # (1, nb, nb) bool once sparse; a non-persistent buffer: follows .to(device), stays out of state_dict
         self.register_buffer("layout", None, persistent=False)
+        self._host: tuple = ()  # (weakref to self.layout, its _version, the same layout on the CPU)
         self.stats: AttentionStatsAccumulator | None = None
         self.capture = False  # take statistics from the next training forward (Retrieval: document 0 only)
 
@@ -220,16 +222,35 @@ class SpionCore(AttentionCore):
         if self.layout is None:
             return super().flops(q, k, key_padding_mask)
         B, H, L, D = q.shape
-        return float(block_sparse_flops(self.layout.cpu(), self.cfg.block_size, B, D, lq=L, lk=L, n_heads=H))
+        return float(block_sparse_flops(self.host_layout(), self.cfg.block_size, B, D, lq=L, lk=L, n_heads=H))
 
     def density(self) -> float:
-        return 1.0 if self.layout is None else layout_density(self.layout)
+        return 1.0 if self.layout is None else layout_density(self.host_layout())
+
+    def host_layout(self) -> torch.Tensor:
+        """``self.layout`` on the CPU, copied once per layout change (none at the switch: ``remember_host``)."""
+        lay, c = self.layout, self._host
+        if c and c[0]() is lay and c[1] == lay._version:
+            return c[2]
+        host = lay if lay.device == torch.device("cpu") else lay.cpu()
+        self._host = (weakref.ref(lay), lay._version, host)
+        return host
+
+    def remember_host(self, host: torch.Tensor) -> None:
+        """``self.layout`` was just made from the CPU tensor ``host`` (same content): keep it as the host copy."""
+        self._host = (weakref.ref(self.layout), self.layout._version, host)
 
     def _attend(self, q, k, v, key_padding_mask):
         if self.layout is not None:  # phase C: fixed per-layer layout, broadcast over heads
             if self.layout.device != q.device:  # restored on the CPU by a resumed run
+                host = self.layout
                 self.layout = self.layout.to(q.device)
-            return block_sparse_attention(q, k, v, self.layout, block_size=self.cfg.block_size,
+                self.remember_host(host)
+            # The Triton path reads the layout's bytes on the host on every call to find its LUT: a CUDA layout
+            # there is one device-to-host sync per layer per step (issue 15), a CPU copy none; the torch reference
+            # computes with the layout on q's device.
+            lay = self.host_layout() if resolve_backend(self.cfg.backend, q) == "triton" else self.layout
+            return block_sparse_attention(q, k, v, lay, block_size=self.cfg.block_size,
                                           key_padding_mask=key_padding_mask, softmax_mode=self.cfg.softmax_mode,
                                           backend=self.cfg.backend)
         if self.training and self.capture:  # phase A check step: mean_{b,h} softmax, no dropout
@@ -371,6 +392,7 @@ class _Spion(Method):
         for core, A in zip(self.cores, maps):
             lay, facts = spion_layout(A, self.kind, cfg.block_size, cfg.quantile, cfg.density, cfg.filter_size)
             core.layout = lay[None].to(A.device)  # (1, nb, nb): one layout per layer, shared by all heads
+            core.remember_host(lay[None])  # the kernel's copy on the host: no device-to-host read at any step
             self.layer_facts.append({"layer": core.spec.layer, "density": layout_density(lay[None]), **facts})
         self.transition_step, self.transition_check, self.forced = step, self.criterion.n_checks, forced
         trainer.note("spion transition", transition_step=step, check=self.criterion.n_checks, forced=forced,

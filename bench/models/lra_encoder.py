@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bench.attention import same_padding
 from bench.method import AttentionSpec, PoolerSpec
 from bench.models.layers import PreLNBlock, apply_pooler
 
@@ -78,7 +79,7 @@ class LRAEncoder(nn.Module):
         if self.cfg.pooling == "cls":
             cls_tok = torch.full((B, 1), self.cfg.vocab_size, dtype=tokens.dtype, device=tokens.device)
             tokens = torch.cat([cls_tok, tokens], 1)
-            mask = torch.cat([torch.ones_like(mask[:, :1]), mask], 1)
+            mask = same_padding(torch.cat([torch.ones_like(mask[:, :1]), mask], 1), mask)  # host-known padding
             L += 1
         pos = torch.arange(L, device=tokens.device)
         x = self.drop(self.tok(tokens) + self.pos(pos)[None])  # (B, L, d)
