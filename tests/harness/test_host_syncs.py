@@ -50,7 +50,8 @@ def cache(tmp_path_factory):
         yield
 
 
-def count_step_syncs(spec: str, phase: str | None, steps: int = STEPS, extra: tuple = ()) -> tuple[HostSyncCounter, list[str]]:
+def count_step_syncs(spec: str, phase: str | None, steps: int = STEPS,
+                     extra: tuple = ()) -> tuple[HostSyncCounter, list[str]]:
     """Run the method on tiny ListOps with the Trainer on the stand-in device; count ``steps`` steps of ``phase``
     after one warm-up step of it."""
     ms = parse_method_spec(spec)
